@@ -1,0 +1,285 @@
+"""Fused CPU kernels for the hot loops of quantization (numba), with torch fallbacks.
+
+Quantizing a task vector with eager torch ops costs ~8 passes over memory (subtract, min/max,
+scale, shift, round, clamp, cast, pack); the storage benchmark requires quantization to cost
+little more than loading the checkpoints. These kernels fuse the work into two passes:
+
+- :func:`sub_minmax`: ``out = a - b`` plus its min, max and a finiteness flag, in one pass;
+- :func:`quantize_pack`: scale, round half-to-even, clamp and bit-pack straight into the output
+  bytes, in one pass; :func:`unpack_dequantize` is its inverse.
+
+They produce bit-identical results to the pure torch reference in ``affine`` / ``packing`` (the
+tests check this), run on CPU float32 tensors, and fall back to the torch path for other devices
+or dtypes, when numba is missing, or when ``TVQ_DISABLE_NUMBA=1``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # numba is a hard dependency, but keep the package importable without it
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+
+_NCHUNK = 64
+_GROUPS = 8192  # groups of 8 codes per parallel work item (64 KiB of codes)
+
+
+def numba_enabled() -> bool:
+    return numba is not None and os.environ.get("TVQ_DISABLE_NUMBA", "") not in ("1", "true", "yes")
+
+
+def _usable(*ts: Tensor) -> bool:
+    return numba_enabled() and all(
+        t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in ts
+    )
+
+
+if numba is not None:
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _sub_minmax_nb(a, b, out, has_b):  # pragma: no cover - compiled
+        n = a.size
+        nchunk = min(_NCHUNK, max(1, n // 4096))
+        los = np.empty(nchunk, np.float32)
+        his = np.empty(nchunk, np.float32)
+        sums = np.zeros(nchunk, np.float64)
+        per = (n + nchunk - 1) // nchunk
+        for c in prange(nchunk):
+            start = c * per
+            end = min(n, start + per)
+            lo = np.float32(np.inf)
+            hi = np.float32(-np.inf)
+            acc = 0.0
+            for i in range(start, end):
+                v = a[i] - b[i] if has_b else a[i]
+                out[i] = v
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+                acc += v * 0.0  # NaN/Inf propagate, finite values add nothing
+            los[c] = lo
+            his[c] = hi
+            sums[c] = acc
+        return los.min(), his.max(), np.isfinite(sums.sum())
+
+    @njit(cache=True, inline="always")
+    def _compress(w, bits):  # pragma: no cover - compiled
+        # 8 codes, one per byte of w (code j in byte j) -> 8*bits bits, code j at bit j*bits
+        w = (w & np.uint64(0x00FF00FF00FF00FF)) | ((w & np.uint64(0xFF00FF00FF00FF00)) >> np.uint64(8 - bits))
+        w = (w & np.uint64(0x0000FFFF0000FFFF)) | ((w & np.uint64(0xFFFF0000FFFF0000)) >> np.uint64(16 - 2 * bits))
+        w = (w & np.uint64(0x00000000FFFFFFFF)) | ((w & np.uint64(0xFFFFFFFF00000000)) >> np.uint64(32 - 4 * bits))
+        return w
+
+    @njit(cache=True, inline="always")
+    def _expand(w, bits):  # pragma: no cover - compiled
+        # inverse of _compress: 8*bits packed bits -> one code per byte
+        m4 = np.uint64((1 << (4 * bits)) - 1)
+        w = (w & m4) | ((w & (m4 << np.uint64(4 * bits))) << np.uint64(32 - 4 * bits))
+        m2 = np.uint64((1 << (2 * bits)) - 1)
+        m2 = m2 | (m2 << np.uint64(32))
+        w = (w & m2) | ((w & (m2 << np.uint64(2 * bits))) << np.uint64(16 - 2 * bits))
+        m1 = np.uint64((1 << bits) - 1)
+        m1 = m1 | (m1 << np.uint64(16))
+        m1 = m1 | (m1 << np.uint64(32))
+        w = (w & m1) | ((w & (m1 << np.uint64(bits))) << np.uint64(8 - bits))
+        return w
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _quantize_tensor_nb(x, sb, zb, levels, codes):  # pragma: no cover - compiled
+        # per tensor: one flat loop, which LLVM vectorises
+        for i in prange(x.size):
+            q = np.rint(x[i] * sb + zb)
+            codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _quantize_blocks_nb(x, s, z, width, levels, codes):  # pragma: no cover - compiled
+        n = x.size
+        for blk in prange(s.size):
+            sb = s[blk]
+            zb = z[blk]
+            for i in range(blk * width, min(n, (blk + 1) * width)):
+                q = np.rint(x[i] * sb + zb)
+                codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pack1_nb(c, out):  # pragma: no cover - compiled
+        for o in prange(out.size):
+            i = 8 * o
+            out[o] = (c[i] | (c[i + 1] << np.uint8(1)) | (c[i + 2] << np.uint8(2)) | (c[i + 3] << np.uint8(3))
+                      | (c[i + 4] << np.uint8(4)) | (c[i + 5] << np.uint8(5)) | (c[i + 6] << np.uint8(6))
+                      | (c[i + 7] << np.uint8(7)))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pack2_nb(c, out):  # pragma: no cover - compiled
+        for o in prange(out.size):
+            i = 4 * o
+            out[o] = c[i] | (c[i + 1] << np.uint8(2)) | (c[i + 2] << np.uint8(4)) | (c[i + 3] << np.uint8(6))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pack4_nb(c, out):  # pragma: no cover - compiled
+        for o in prange(out.size):
+            out[o] = c[2 * o] | (c[2 * o + 1] << np.uint8(4))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pack_words_nb(words, bits, out):  # pragma: no cover - compiled
+        nbytes = out.size
+        for g in prange(words.size):
+            w = _compress(words[g], bits)
+            base = g * bits
+            for k in range(min(bits, nbytes - base)):
+                out[base + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+    def _pack_nb(codes, words, n, bits, out):
+        """Pack ``codes`` (zero-padded to a multiple of 8) into ``out`` (exact size)."""
+        nbytes = out.size
+        if bits == 8:
+            out[:] = codes[:nbytes]
+        elif bits in (1, 2, 4):
+            full = len(codes) * bits // 8  # whole bytes available from the padded codes
+            tmp = out if full == nbytes else np.empty(full, np.uint8)
+            (_pack1_nb if bits == 1 else _pack2_nb if bits == 2 else _pack4_nb)(codes, tmp)
+            if tmp is not out:
+                out[:] = tmp[:nbytes]
+        else:
+            _pack_words_nb(words, bits, out)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _unpack1_nb(p, c):  # pragma: no cover - compiled
+        for o in prange(p.size):
+            v = p[o]
+            i = 8 * o
+            for j in range(8):
+                c[i + j] = (v >> np.uint8(j)) & np.uint8(1)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _unpack2_nb(p, c):  # pragma: no cover - compiled
+        for o in prange(p.size):
+            v = p[o]
+            i = 4 * o
+            c[i] = v & np.uint8(3)
+            c[i + 1] = (v >> np.uint8(2)) & np.uint8(3)
+            c[i + 2] = (v >> np.uint8(4)) & np.uint8(3)
+            c[i + 3] = v >> np.uint8(6)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _unpack4_nb(p, c):  # pragma: no cover - compiled
+        for o in prange(p.size):
+            v = p[o]
+            c[2 * o] = v & np.uint8(15)
+            c[2 * o + 1] = v >> np.uint8(4)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _unpack_words_nb(packed, bits, words):  # pragma: no cover - compiled
+        nbytes = packed.size
+        for g in prange(words.size):
+            base = g * bits
+            w = np.uint64(0)
+            for k in range(min(bits, nbytes - base)):
+                w |= np.uint64(packed[base + k]) << np.uint64(8 * k)
+            words[g] = _expand(w, bits)
+
+    def _unpack_nb(packed, bits, codes, words):
+        """Unpack ``packed`` into ``codes`` (length a multiple of 8, its uint64 view ``words``)."""
+        if bits == 8:
+            codes[: packed.size] = packed
+        elif bits in (1, 2, 4):
+            fn = _unpack1_nb if bits == 1 else _unpack2_nb if bits == 2 else _unpack4_nb
+            fn(packed, codes[: packed.size * 8 // bits])
+        else:
+            _unpack_words_nb(packed, bits, words)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _dequant_tensor_nb(codes, zb, sb, out):  # pragma: no cover - compiled
+        for i in prange(out.size):
+            out[i] = (np.float32(codes[i]) - zb) * sb
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _dequant_blocks_nb(codes, z, scale, width, out):  # pragma: no cover - compiled
+        n = out.size
+        for blk in prange(z.size):
+            zb = z[blk]
+            sb = scale[blk]
+            for i in range(blk * width, min(n, (blk + 1) * width)):
+                out[i] = (np.float32(codes[i]) - zb) * sb
+
+
+_scratch = threading.local()
+
+
+def _scratch_codes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A per-thread uint8 buffer of ``n`` codes rounded up to 8 (and its uint64 view), zero tail."""
+    padded = (n + 7) // 8 * 8
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < padded:
+        buf = np.zeros(max(padded, 8), np.uint8)
+        _scratch.buf = buf
+    codes = buf[:padded]
+    codes[n:padded] = 0
+    return codes, codes.view(np.uint64)
+
+
+def sub_minmax(a: Tensor, b: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, float, float, bool]:
+    """``out = a - b`` (or a copy of ``a``) in float32, with its min, max and whether all are finite."""
+    a32 = a if a.dtype == torch.float32 else a.float()
+    b32 = None if b is None else (b if b.dtype == torch.float32 else b.float())
+    if out is None:
+        out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    if a32.numel() and _usable(a32, out) and (b32 is None or _usable(b32)):
+        an = a32.reshape(-1).numpy()
+        bn = an if b32 is None else b32.reshape(-1).numpy()
+        lo, hi, finite = _sub_minmax_nb(an, bn, out.view(-1).numpy(), b32 is not None)
+        return out, float(lo), float(hi), bool(finite)
+    if b32 is None:
+        out.copy_(a32)
+    else:
+        torch.sub(a32, b32, out=out)
+    if out.numel() == 0:
+        return out, 0.0, 0.0, True
+    finite = bool(torch.isfinite(out).all())
+    lo, hi = torch.aminmax(out)
+    return out, float(lo), float(hi), finite
+
+
+def quantize_pack(x: Tensor, s: Tensor, z: Tensor, bits: int, out: Tensor) -> bool:
+    """Quantize flat ``x`` (blocks of ``x.numel() // s.numel()`` values) and pack into ``out``.
+
+    Returns False (doing nothing) when the fused kernel cannot run; the caller then uses the
+    torch reference path.
+    """
+    if not _usable(x, out, s, z) or x.dtype != torch.float32:
+        return False
+    n = x.numel()
+    width = max(1, n // max(1, s.numel()))
+    codes, words = _scratch_codes(n)
+    levels = np.float32((1 << bits) - 1)
+    if s.numel() == 1:
+        _quantize_tensor_nb(x.reshape(-1).numpy(), np.float32(s.item()), np.float32(z.item()), levels, codes)
+    else:
+        _quantize_blocks_nb(x.reshape(-1).numpy(), s.float().contiguous().numpy(),
+                            z.float().contiguous().numpy(), width, levels, codes)
+    codes[n:] = 0
+    _pack_nb(codes, words, n, bits, out.numpy())
+    return True
+
+
+def unpack_dequantize(packed: Tensor, z: Tensor, scale: Tensor, bits: int, numel: int, out: Tensor) -> bool:
+    """Inverse of :func:`quantize_pack` into float32 ``out``; False when the kernel cannot run."""
+    if not _usable(packed, out) or out.dtype != torch.float32 or z.device.type != "cpu":
+        return False
+    width = max(1, numel // max(1, z.numel()))
+    codes, words = _scratch_codes(numel)
+    _unpack_nb(packed.numpy(), bits, codes, words)
+    o = out.view(-1).numpy()[:numel]
+    if z.numel() == 1:
+        _dequant_tensor_nb(codes, np.float32(z.item()), np.float32(scale.item()), o)
+    else:
+        _dequant_blocks_nb(codes, z.float().contiguous().numpy(), scale.float().contiguous().numpy(), width, o)
+    return True

@@ -1,0 +1,59 @@
+"""Per-key encoding of task vectors for each scheme (the store writer's inner loop).
+
+Pure functions of one key's tensors returning what to save; the writer owns all I/O.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+from ..quant.config import QuantSpec
+from ..quant.kernels import sub_minmax
+from ..quant.qtensor import QTensor
+from ..quant.schemes import rtvq_base, rtvq_offset
+from .layout import KeyInfo, StoreConfig
+
+
+def task_vector_into(finetuned: Tensor, pretrained: Tensor, out: Tensor, *, label: str, key: str) -> tuple[Tensor, float, float]:
+    """``out = finetuned - pretrained`` (float32) with its range; NaN / Inf is an error."""
+    tau, lo, hi, finite = sub_minmax(finetuned, pretrained, out)
+    if not finite:
+        raise NonFiniteError(f"{label}: the task vector of key {key!r} contains NaN or Inf; check the fine-tuned checkpoint (a diverged run?)")
+    return tau, lo, hi
+
+
+def encode_single(tau: Tensor, lo: float, hi: float, info: KeyInfo, cfg: StoreConfig, key: str,
+                  finetuned: Tensor | None = None) -> dict[str, Tensor]:
+    """Tensors to save for one task's key under fp32 / fq / tvq (empty if the key is zero)."""
+    if lo == 0.0 and hi == 0.0 and cfg.scheme != "fq":
+        return {}
+    if not info.quantized:
+        return {key: tau}
+    spec = cfg.spec(info.bits)
+    if cfg.scheme == "fq":
+        assert finetuned is not None
+        ft, flo, fhi, _ = sub_minmax(finetuned, None, torch.empty(finetuned.shape, dtype=torch.float32))
+        return QTensor.quantize(ft, spec, value_range=(flo, fhi)).state(key)
+    return QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)
+
+
+def encode_rtvq(taus: Sequence[Tensor], ranges: Sequence[tuple[float, float]], info: KeyInfo, cfg: StoreConfig,
+                key: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """RTVQ of one key across tasks: (base tensors, per-task offset tensors)."""
+    if all(lo == 0.0 and hi == 0.0 for lo, hi in ranges):
+        return {}, [{} for _ in taus]
+    if not info.quantized:
+        return {}, [{} if r == (0.0, 0.0) else {key: t} for t, r in zip(taus, ranges)]
+    base, beta = rtvq_base(taus, cfg.spec(info.base_bits))
+    base_hat = base.dequantize()
+    offsets = [rtvq_offset(t, base_hat, beta, cfg.spec(info.offset_bits), cfg.error_correction).state(key) for t in taus]
+    return base.state(key), offsets
+
+
+def offset_against(tau: Tensor, base_hat: Tensor | None, spec: QuantSpec, key: str) -> dict[str, Tensor]:
+    """A task added to an RTVQ store with a frozen base: offset against the stored base."""
+    ref = tau if base_hat is None else tau - base_hat
+    return QTensor.quantize(ref, spec).state(key)

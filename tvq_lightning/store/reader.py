@@ -1,0 +1,179 @@
+"""Lazy reading of a store: one task's one key is dequantized without reading the rest.
+
+Task files are opened with the zero-copy safetensors reader, so asking for a key maps only that
+key's packed codes from disk.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError, FingerprintMismatch, StoreError
+from ..quant.qtensor import CODES, SCALE, ZERO, QTensor
+from .checkpoints import LazyStateDict, open_checkpoint
+from .fingerprint import fingerprint_state_dict, short_fingerprint
+from .layout import LAYOUT_FILE, KeyInfo, Layout, read_layout
+
+
+class TaskVectorStore:
+    """A read-only view of a store directory.
+
+    Example::
+
+        store = TaskVectorStore("runs/vitb32-tvq4")
+        store.check_pretrained(theta0)                  # fingerprint must match
+        tau = store.task_vector("cars", "conv1.weight")  # float32, only that key is read
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.layout: Layout = read_layout(self.path)
+        self._files: dict[str, LazyStateDict] = {}
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.layout.config
+
+    @property
+    def scheme(self) -> str:
+        return self.layout.config.scheme
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.layout.tasks)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.layout.keys)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint
+
+    @property
+    def needs_pretrained(self) -> bool:
+        """FQ stores hold fine-tuned weights: their task vectors need theta_0."""
+        return self.scheme == "fq"
+
+    def files(self) -> list[Path]:
+        rel = [t.file for t in self.layout.tasks.values()]
+        if self.layout.base is not None:
+            rel.append(self.layout.base.file)
+        return [self.path / LAYOUT_FILE] + [self.path / r for r in rel]
+
+    def nbytes(self) -> int:
+        """Bytes on disk of everything the store consists of."""
+        return sum(p.stat().st_size for p in self.files() if p.exists())
+
+    def check_pretrained(self, pretrained: Mapping[str, Tensor] | str, label: str = "the pre-trained weights") -> None:
+        """Raise :class:`FingerprintMismatch` unless ``pretrained`` is what the store was built from."""
+        fp = pretrained if isinstance(pretrained, str) else fingerprint_state_dict(pretrained)
+        if fp != self.fingerprint:
+            raise FingerprintMismatch(
+                f"{label} (fingerprint {short_fingerprint(fp)}) are not the weights store {self.path} was built from "
+                f"({short_fingerprint(self.fingerprint)}); pass the pre-trained checkpoint used with `tvq quantize`")
+
+    # -- files ------------------------------------------------------------------------------
+    def _open(self, rel: str) -> LazyStateDict:
+        f = self._files.get(rel)
+        if f is None:
+            path = self.path / rel
+            if not path.is_file():
+                raise StoreError(f"store {self.path} is missing {rel}; the store is incomplete, re-create it with `tvq quantize`")
+            try:
+                f = open_checkpoint(path)
+            except CheckpointError as e:
+                raise StoreError(f"store {self.path}: {e}") from None
+            self._files[rel] = f
+        return f
+
+    def _task_file(self, task: str) -> LazyStateDict:
+        info = self.layout.tasks.get(task)
+        if info is None:
+            raise StoreError(f"store {self.path} has no task {task!r}; it has: {', '.join(self.tasks) or '(none)'}")
+        return self._open(info.file)
+
+    def _info(self, key: str) -> KeyInfo:
+        info = self.layout.keys.get(key)
+        if info is None:
+            raise StoreError(f"store {self.path} has no key {key!r}")
+        return info
+
+    def _qtensor(self, f: LazyStateDict, key: str, bits: int, info: KeyInfo) -> QTensor | None:
+        if key + CODES not in f:
+            return None
+        try:
+            return QTensor.from_state(f[key + CODES], f[key + ZERO], f[key + SCALE], info.shape, self.config.spec(bits))
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"store {self.path}: key {key!r} in {f.path.name} is damaged ({e}); re-create the store") from None
+
+    # -- task vectors -----------------------------------------------------------------------
+    def qtensor(self, task: str, key: str) -> QTensor | None:
+        """The packed codes of ``task``'s key (RTVQ: its offset); None if zero or not quantized."""
+        info = self._info(key)
+        bits = info.offset_bits if self.scheme == "rtvq" else info.bits
+        return self._qtensor(self._task_file(task), key, bits, info) if info.quantized else None
+
+    def base_qtensor(self, key: str) -> QTensor | None:
+        """RTVQ's quantized base for ``key`` (None for other schemes or zero keys)."""
+        info = self._info(key)
+        if self.layout.base is None or not info.quantized:
+            return None
+        return self._qtensor(self._open(self.layout.base.file), key, info.base_bits, info)
+
+    def task_vector(self, task: str, key: str, pretrained: Tensor | None = None) -> Tensor:
+        """The (dequantized) float32 task vector of ``task`` for ``key``."""
+        return self.task_vectors(key, [task], pretrained)[0]
+
+    def task_vectors(self, key: str, tasks: Sequence[str] | None = None, pretrained: Tensor | None = None) -> list[Tensor]:
+        """One key's task vectors for several tasks, sharing work (RTVQ's base is decoded once)."""
+        tasks = self.tasks if tasks is None else list(tasks)
+        info = self._info(key)
+        if not info.quantized:
+            out = []
+            for t in tasks:
+                f = self._task_file(t)
+                out.append(f[key].float().clone() if key in f else torch.zeros(info.shape))
+            return out
+        if self.scheme == "fq" and pretrained is None:
+            raise StoreError(f"store {self.path} uses FQ (quantized fine-tuned weights): its task vectors need the pre-trained weights; pass --pretrained")
+        base_hat = None
+        if self.scheme == "rtvq":
+            base = self.base_qtensor(key)
+            base_hat = base.dequantize() if base is not None else None
+        out = []
+        for t in tasks:
+            q = self.qtensor(t, key)
+            tau = q.dequantize() if q is not None else torch.zeros(info.shape)
+            if self.scheme == "fq":
+                tau = tau.sub_(pretrained.float()) if q is not None else tau
+            elif base_hat is not None:
+                tau = tau.add_(base_hat)
+            out.append(tau)
+        return out
+
+    def iter_task_vector(self, task: str, pretrained: Mapping[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """``(key, tau)`` for every key, one at a time."""
+        for key in self.keys:
+            yield key, self.task_vector(task, key, None if pretrained is None else pretrained[key])
+
+    def task_state_dict(self, task: str, pretrained: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return dict(self.iter_task_vector(task, pretrained))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "TaskVectorStore":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TaskVectorStore({str(self.path)!r}, scheme={self.config.label}, tasks={self.tasks})"

@@ -1,0 +1,76 @@
+"""What ``tvq inspect`` reports about a store, as a plain dict (also used by the demo and benchmarks)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .fingerprint import short_fingerprint
+from .reader import TaskVectorStore
+
+
+def bits_per_param(store: TaskVectorStore) -> float:
+    """Theoretical bits per quantized parameter per task (``b`` or ``b_off + b_base / T``)."""
+    keys = [k for k in store.layout.keys.values() if k.quantized]
+    n = sum(k.numel for k in keys)
+    if not n:
+        return 32.0
+    t = max(1, len(store.tasks))
+    if store.scheme == "rtvq":
+        return sum(k.numel * (k.offset_bits + k.base_bits / t) for k in keys) / n
+    return sum(k.numel * k.bits for k in keys) / n
+
+
+def summarize(store: TaskVectorStore) -> dict[str, Any]:
+    lay = store.layout
+    keys = lay.keys.values()
+    q_params = sum(k.numel for k in keys if k.quantized)
+    fp_params = sum(k.numel for k in keys if not k.quantized)
+    bits = Counter()
+    for k in keys:
+        if k.quantized:
+            label = f"B{k.base_bits}O{k.offset_bits}" if store.scheme == "rtvq" else str(k.bits)
+            bits[label] += k.numel
+    nbytes = store.nbytes()
+    per_task = lay.fp32_checkpoint_bytes
+    t = len(store.tasks)
+    bpp = bits_per_param(store)
+    return {
+        "path": str(store.path),
+        "scheme": lay.config.label,
+        "config": lay.config.to_json(),
+        "tasks": store.tasks,
+        "num_tasks": t,
+        "pretrained_fingerprint": lay.fingerprint,
+        "keys": len(lay.keys),
+        "quantized_keys": sum(1 for k in keys if k.quantized),
+        "quantized_params": q_params,
+        "full_precision_params": fp_params,
+        "bits_histogram": dict(bits),
+        "bits_per_param": bpp if q_params else 32.0,
+        "bytes_on_disk": nbytes,
+        "fp32_checkpoint_bytes": per_task,
+        "ratio_to_fp32": nbytes / (t * per_task) if t and per_task else float("nan"),
+        "theoretical_ratio": (bpp * q_params + 32 * fp_params) / (32 * (q_params + fp_params)) if t else float("nan"),
+        "theoretical_ratio_quantized_only": bpp / 32,
+        "allocation": lay.allocation,
+        "generation": lay.generation,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"store      {s['path']}",
+        f"scheme     {s['scheme']}  (error correction: {s['config']['error_correction']})" if s["config"]["scheme"] == "rtvq"
+        else f"scheme     {s['scheme']}  ({s['config']['granularity']} granularity)",
+        f"tasks      {s['num_tasks']}: {', '.join(s['tasks'])}",
+        f"pretrained {short_fingerprint(s['pretrained_fingerprint'])}",
+        f"keys       {s['keys']} ({s['quantized_keys']} quantized: {s['quantized_params']:,} params; "
+        f"{s['full_precision_params']:,} params in full precision)",
+        f"bits       {s['bits_per_param']:.3f} per quantized param per task"
+        + (f"  [{', '.join(f'{b}: {n:,}' for b, n in sorted(s['bits_histogram'].items()))}]" if len(s["bits_histogram"]) > 1 else ""),
+        f"on disk    {s['bytes_on_disk']:,} bytes = {100 * s['ratio_to_fp32']:.2f} % of {s['num_tasks']} fp32 checkpoints "
+        f"({s['num_tasks']} x {s['fp32_checkpoint_bytes']:,} bytes); theory {100 * s['theoretical_ratio']:.2f} %",
+    ]
+    if s.get("allocation"):
+        lines.append(f"allocation {s['allocation'].get('description', s['allocation'])}")
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""Building a store and adding tasks to it, streaming key by key.
+
+Memory holds one key of the pre-trained model and (RTVQ) that key's T task vectors at a time;
+each task file is written tensor by tensor (:class:`~.io.SafetensorsStreamWriter`). A new store
+is assembled in a staging directory and moved into place when complete; adding tasks writes new
+files and then atomically replaces ``layout.json``, so an interrupted run leaves the store as it
+was.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import OutputExistsError, QuantConfigError, TvqError
+from ..quant.policy import is_quantized
+from ..quant.qtensor import CODES, SCALE, ZERO
+from .encode import encode_rtvq, encode_single, offset_against, task_vector_into
+from .fingerprint import fingerprint_state_dict
+from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
+from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo
+from .reader import TaskVectorStore
+from .sources import Source, WeightsLike, check_compatible, check_task_name, floating_keys, open_source
+
+RtvqBaseMode = Literal["frozen", "recompute"]
+
+
+def _key_infos(pre: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: StoreConfig,
+               allocation=None) -> dict[str, KeyInfo]:
+    infos = {}
+    for k, (shape, dtype) in pre.items():
+        dname = str(dtype).removeprefix("torch.")
+        q = cfg.scheme != "fp32" and is_quantized(k, shape, dtype, cfg.policy)
+        if not q:
+            infos[k] = KeyInfo(tuple(shape), dname, False)
+        elif cfg.scheme == "rtvq":
+            bb = allocation.base_bits[k] if allocation is not None else cfg.base_bits
+            bo = allocation.offset_bits[k] if allocation is not None else cfg.offset_bits
+            infos[k] = KeyInfo(tuple(shape), dname, True, base_bits=bb, offset_bits=bo)
+        else:
+            b = allocation.bits[k] if allocation is not None else cfg.bits
+            infos[k] = KeyInfo(tuple(shape), dname, True, bits=b)
+    return infos
+
+
+def _blocks(info: KeyInfo, cfg: StoreConfig) -> int:
+    if cfg.granularity == "tensor":
+        return 1
+    if cfg.granularity == "channel":
+        return info.shape[0] if info.shape else 1
+    return math.ceil(info.numel / cfg.group_size)
+
+
+def _writer(path: Path, infos: dict[str, KeyInfo], cfg: StoreConfig, metadata: dict[str, str],
+            quantized_only: bool = False) -> SafetensorsStreamWriter:
+    specs: dict[str, tuple[str, int]] = {}
+    total = 0
+    for k, info in infos.items():
+        if info.quantized:
+            specs.update({k + CODES: ("U8", 1), k + ZERO: ("I32", 1), k + SCALE: ("F32", 1)})
+            total += info.numel + 8 * _blocks(info, cfg) + 64
+        elif not quantized_only:
+            specs[k] = ("F32", len(info.shape))
+            total += 4 * info.numel
+    return SafetensorsStreamWriter(path, header_upper_bound(specs, total), metadata)
+
+
+def _progress(it, desc: str, show: bool):
+    return tqdm(it, desc=desc, unit="key", disable=not show, leave=False)
+
+
+def _allocate(pre: Source, fts: list[Source], pre_keys, cfg: StoreConfig, sensitivity, show: bool):
+    """First streaming pass of a --budget run: per-key error tables, then the allocator."""
+    from ..quant.allocation import allocate_bits, key_error_table
+
+    infos = _key_infos(pre_keys, cfg)
+    tables = {}
+    for k in _progress([k for k, i in infos.items() if i.quantized], "measuring sensitivity", show):
+        p = pre.sd[k]
+        taus = [task_vector_into(f.sd[k], p, torch.empty(p.shape), label=f.label, key=k)[0] for f in fts]
+        tables[k] = key_error_table(taus, cfg.scheme, spec=cfg.spec(cfg.bits), error_correction=cfg.error_correction)
+    if not tables:
+        raise QuantConfigError("--budget was given but no tensor is quantized under this policy")
+    return allocate_bits(tables, cfg.budget, num_tasks=len(fts), scheme=cfg.scheme, per_tensor=cfg.per_tensor_bits,
+                         sensitivity=sensitivity)
+
+
+def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
+                task_writers: list[SafetensorsStreamWriter], base_writer: SafetensorsStreamWriter | None,
+                show: bool, frozen_base: TaskVectorStore | None = None) -> None:
+    """The main pass: for each key read theta_0 and every task's weights, encode, append."""
+    scratch = torch.empty(max((i.numel for i in infos.values()), default=0))
+    for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
+        info = infos[k]
+        p = pre.sd[k]
+        if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
+            res = [task_vector_into(f.sd[k], p, torch.empty(info.shape), label=f.label, key=k) for f in fts]
+            base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
+            for name, t in base.items():
+                base_writer.add(name, t)
+            for w, parts in zip(task_writers, offsets):
+                for name, t in parts.items():
+                    w.add(name, t)
+            continue
+        base_hat = None
+        if frozen_base is not None and info.quantized:
+            bq = frozen_base.base_qtensor(k)
+            base_hat = bq.dequantize() if bq is not None else None
+        for f, w in zip(fts, task_writers):
+            tau, lo, hi = task_vector_into(f.sd[k], p, scratch[: info.numel].view(info.shape), label=f.label, key=k)
+            if base_hat is not None or (frozen_base is not None and info.quantized):
+                parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
+            else:
+                parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
+            for name, t in parts.items():
+                w.add(name, t)
+
+
+def _task_metadata(name: str, cfg: StoreConfig, fingerprint: str) -> dict[str, str]:
+    return {"format": "tvq_lightning.task", "task": name, "scheme": cfg.label, "pretrained": fingerprint}
+
+
+def quantize_to_store(
+    pretrained: WeightsLike,
+    finetuned: Mapping[str, WeightsLike],
+    out: str | Path,
+    config: StoreConfig = StoreConfig(),
+    *,
+    prefix: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    rtvq_base: RtvqBaseMode = "frozen",
+    sensitivity: Mapping[str, float] | None = None,
+    progress: bool = True,
+) -> Layout:
+    """Create the store ``out`` from fine-tuned checkpoints, or add the tasks to an existing one.
+
+    Args:
+        pretrained: theta_0, a checkpoint path or a state dict.
+        finetuned: task name -> checkpoint path or state dict.
+        out: the store directory.
+        config: scheme and bits. When ``out`` is an existing store its own config is used and a
+            different ``config`` is an error.
+        prefix: keep only keys under this prefix (e.g. ``model.encoder.``) in every checkpoint.
+        allow_pickle: allow checkpoints that are pickled Python objects (runs code from them).
+        overwrite: replace an existing ``out`` instead of adding to it.
+        rtvq_base: adding to an RTVQ store, keep its base (``frozen``: the new offsets are taken
+            against the stored base) or ``recompute`` the base over all tasks (old tasks are then
+            re-encoded from their stored reconstruction: one more rounding of their offsets).
+        sensitivity: per-key weights for the bit allocator (``config.budget``).
+    """
+    out = Path(out)
+    names = [check_task_name(n) for n in finetuned]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise TvqError(f"task {dup!r} is given twice; every task needs its own name")
+    if not names:
+        raise TvqError("no fine-tuned checkpoints given; pass --finetuned NAME=PATH ...")
+    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
+    pre_keys = floating_keys(pre)
+    fts = [open_source(n, finetuned[n], prefix=prefix, allow_pickle=allow_pickle) for n in names]
+    for f in fts:
+        check_compatible(pre_keys, f)
+    if out.exists() and not overwrite:
+        if not (out / LAYOUT_FILE).is_file():
+            raise OutputExistsError(f"{out} exists and is not a store; choose another --out or pass --overwrite")
+        return _add_tasks(TaskVectorStore(out), pre, fts, config, rtvq_base, progress)
+    fingerprint = fingerprint_state_dict(pre.sd)
+    allocation = _allocate(pre, fts, pre_keys, config, sensitivity, progress) if config.budget is not None else None
+    infos = _key_infos(pre_keys, config, allocation)
+    with staged_directory(out, overwrite=overwrite) as tmp:
+        (tmp / "tasks").mkdir()
+        layout = _write_generation(tmp, pre, fts, infos, config, fingerprint, generation=1, show=progress)
+        layout = layout.with_(allocation=None if allocation is None else allocation.to_json())
+        atomic_write_json(tmp / LAYOUT_FILE, layout.to_json())
+    return layout
+
+
+def _write_generation(root: Path, pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
+                      fingerprint: str, generation: int, show: bool, frozen_base: TaskVectorStore | None = None,
+                      keep: Layout | None = None) -> Layout:
+    """Encode ``fts`` into new files of ``generation`` under ``root``; returns the new layout."""
+    rel = {f.name: f"tasks/{f.name}.g{generation}.safetensors" for f in fts}
+    writers = [_writer(root / rel[f.name], infos, cfg, _task_metadata(f.name, cfg, fingerprint)) for f in fts]
+    base_rel = f"base.g{generation}.safetensors"
+    base_writer = None
+    if cfg.scheme == "rtvq" and frozen_base is None:
+        base_writer = _writer(root / base_rel, infos, cfg, _task_metadata("base", cfg, fingerprint), quantized_only=True)
+    all_writers = writers + ([base_writer] if base_writer else [])
+    try:
+        _encode_all(pre, fts, infos, cfg, writers, base_writer, show, frozen_base)
+        sizes = [w.close() for w in writers]
+        base_size = base_writer.close() if base_writer else 0
+    except BaseException:
+        for w in all_writers:
+            w.abort()
+        raise
+    tasks = dict(keep.tasks) if keep is not None else {}
+    tasks.update({f.name: TaskInfo(rel[f.name], f.label, s) for f, s in zip(fts, sizes)})
+    if base_writer is not None:
+        base, base_tasks = TaskInfo(base_rel, "mean of the task vectors", base_size), tuple(tasks)
+    elif keep is not None:
+        base, base_tasks = keep.base, keep.base_tasks
+    else:
+        base, base_tasks = None, ()
+    return Layout(cfg, fingerprint, infos, tasks, base, base_tasks, generation,
+                  keep.allocation if keep else None, keep.extra if keep else {})
+
+
+def _add_tasks(store: TaskVectorStore, pre: Source, fts: list[Source], config: StoreConfig,
+               rtvq_base: RtvqBaseMode, show: bool) -> Layout:
+    layout = store.layout
+    cfg = layout.config
+    if config != cfg and config != StoreConfig():
+        raise QuantConfigError(f"store {store.path} holds {cfg.label} task vectors; adding with {config.label} settings is not possible: drop the scheme options or use another --out")
+    for f in fts:
+        if f.name in layout.tasks:
+            raise TvqError(f"task {f.name!r} is already in store {store.path}; choose another name, or rebuild the store with --overwrite")
+    infos = layout.keys
+    if set(floating_keys(pre)) != set(infos):
+        raise TvqError(f"{pre.label} has other keys than store {store.path}; use the same --prefix as when the store was made")
+    store.check_pretrained(pre.sd, label=pre.label)
+    if cfg.scheme == "rtvq" and rtvq_base == "recompute":
+        return _recompute_rtvq(store, pre, fts, show)
+    frozen = store if cfg.scheme == "rtvq" else None
+    new = _write_generation(store.path, pre, fts, infos, cfg, layout.fingerprint, layout.generation, show,
+                            frozen_base=frozen, keep=layout)
+    new = new.with_(generation=layout.generation)
+    try:
+        atomic_write_json(store.path / LAYOUT_FILE, new.to_json())
+    except BaseException:
+        for f in fts:
+            (store.path / new.tasks[f.name].file).unlink(missing_ok=True)
+        raise
+    return new
+
+
+def _recompute_rtvq(store: TaskVectorStore, pre: Source, fts: list[Source], show: bool) -> Layout:
+    """Re-derive the RTVQ base over old (reconstructed) and new tasks, rewrite every file."""
+    layout = store.layout
+    old = [Source(t, f"{store.path}:{t}", _Reconstructed(store, t, pre.sd)) for t in layout.tasks]
+    gen = layout.generation + 1
+    new = _write_generation(store.path, pre, old + fts, layout.keys, layout.config, layout.fingerprint, gen, show)
+    new = new.with_(allocation=layout.allocation, extra=layout.extra)
+    atomic_write_json(store.path / LAYOUT_FILE, new.to_json())
+    for p in {*(t.file for t in layout.tasks.values()), *([layout.base.file] if layout.base else [])}:
+        with contextlib.suppress(OSError):
+            (store.path / p).unlink()
+    return new
+
+
+class _Reconstructed(Mapping):
+    """A stored task as fine-tuned weights: theta_0 + tau_hat, one key at a time."""
+
+    def __init__(self, store: TaskVectorStore, task: str, pre: Mapping[str, torch.Tensor]):
+        self.store, self.task, self.pre = store, task, pre
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        p = self.pre[key]
+        if key not in self.store.layout.keys:
+            return p
+        return self.store.task_vector(self.task, key, p).add_(p.float())
+
+    def __iter__(self):
+        return iter(self.pre)
+
+    def __len__(self) -> int:
+        return len(self.pre)
