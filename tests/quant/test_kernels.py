@@ -202,22 +202,18 @@ def test_sub_minmax_reports_non_finite(n, bad, torch_path):
 
 # ------------------------------------------------------------------------------------ empty tensors
 
-@pytest.mark.parametrize("gran", ["tensor", "group"])
 @pytest.mark.parametrize("bits", [1, 3, 8])
-def test_empty_tensor_numba(bits, gran, monkeypatch):
-    monkeypatch.delenv("TVQ_DISABLE_NUMBA", raising=False)
-    x = torch.empty(0, 5)
-    q = QTensor.quantize(x, QuantSpec(bits, gran, 4))
-    assert q.packed.numel() == 0
-    assert q.dequantize().shape == x.shape
-
-
-def test_empty_tensor_group_torch_path(monkeypatch):
-    monkeypatch.setenv("TVQ_DISABLE_NUMBA", "1")
-    x = torch.empty(0, 5)
-    assert QTensor.quantize(x, QuantSpec(3, "group", 4)).dequantize().shape == x.shape
-
-
-def test_empty_tensor_channel():
-    x = torch.empty(0, 5)
-    assert QTensor.quantize(x, QuantSpec(3, "channel")).dequantize().shape == x.shape
+def test_empty_tensors(bits, torch_path):
+    """Tensors with no elements quantize to no bytes on both paths and come back with their shape."""
+    for gran, g in (("tensor", 128), ("channel", 128), ("group", 4), ("group", 3)):
+        spec = QuantSpec(bits, gran, g)
+        for shape in ((0,), (0, 5), (5, 0), (2, 0, 3)):
+            x = torch.empty(shape)
+            qn = QTensor.quantize(x, spec)
+            with torch_path:
+                qt = QTensor.quantize(x, spec)
+                dt = qt.dequantize()
+                assert fake_quantize(x, spec).shape == x.shape
+            assert qn.packed.numel() == qt.packed.numel() == 0
+            assert torch.equal(qn.zero_point, qt.zero_point) and torch.equal(qn.scale, qt.scale)
+            assert qn.dequantize().shape == dt.shape == x.shape, (spec, shape)

@@ -1,6 +1,6 @@
 """``tvq``: the command-line entry point.
 
-Store commands (``quantize``, ``inspect``, ``export``) and the ``demo`` are argparse
+Store commands (``quantize``, ``merge``, ``inspect``, ``export``) and the ``demo`` are argparse
 sub-commands. Every :class:`~tvq_lightning.errors.TvqError` becomes one line on stderr,
 ``tvq: error: ...``, and exit status 2.
 """
@@ -12,15 +12,15 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import TvqError
-from . import demo, export, inspect, quantize
+from . import demo, export, inspect, merge, quantize
 
-COMMANDS = {"quantize": quantize, "inspect": inspect, "export": export, "demo": demo}
+COMMANDS = {"quantize": quantize, "merge": merge, "inspect": inspect, "export": export, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
-        description="Quantized task vectors (TVQ / RTVQ): store, inspect and export them.",
+        description="Quantized task vectors (TVQ / RTVQ): store, merge, inspect and export them.",
         epilog="Run `tvq COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"tvq_lightning {__version__}")

@@ -18,8 +18,8 @@ squared error is evaluated on an evenly strided subsample of at most ``max_sampl
 depends on the base width; it is found exactly in one pass: the sum over ``bb`` of the base
 codes is monotone in ``beta``, so it labels at most 503 bins inside which every base code is
 constant, and per-bin min / max of each ``tau_t`` give the range of ``tau_t - x_hat(beta)`` for
-all eight base widths at once. Fused numba kernels run the per-tensor case; plain torch code
-runs channel / group granularity and machines without numba (``TVQ_DISABLE_NUMBA=1``).
+all eight base widths at once. Single-pass numba kernels serve per-tensor granularity (tensors
+of 32k+ elements); torch code serves the rest and machines without numba (``TVQ_DISABLE_NUMBA=1``).
 
 Stage 2, :func:`allocate_bits`. Uniform (default): every feasible store-wide choice (``b``, or
 ``(bb, bo)``) is enumerated and the lowest objective wins, ties going to fewer bits. Per tensor
@@ -177,9 +177,9 @@ def _errors(tau: Tensor, ref: Tensor, base: Tensor, s: Tensor, z: Tensor, c: Ten
 
 
 def _mean(xs: list[Tensor]) -> Tensor:
-    """``beta`` as ``schemes.rtvq_base`` computes it; large tensors by running sum (same up to rounding)."""
-    if len(xs) == 1 or xs[0].numel() <= 1 << 20:
-        return torch.stack(xs).mean(0) if len(xs) > 1 else xs[0]
+    """``beta`` exactly as ``schemes.rtvq_base`` computes it: summed in task order, then divided."""
+    if len(xs) == 1:
+        return xs[0]
     acc = xs[0].clone()
     for x in xs[1:]:
         acc.add_(x)
@@ -208,7 +208,7 @@ def key_error_table(taus: Sequence[Tensor], scheme: Scheme, *, spec: QuantSpec =
     if len(taus) == 0 or any(t.shape != taus[0].shape for t in taus):
         raise ValueError("key_error_table needs one or more task vectors of the same shape")
     shape, T = tuple(taus[0].shape), len(taus)
-    xs = [t.detach().float().contiguous().view(-1) for t in taus]
+    xs = [t.detach().cpu().float().contiguous().view(-1) for t in taus]  # statistics run on the CPU
     n = xs[0].numel()
     if n == 0:
         return ErrorTable(0, scheme, T, torch.zeros((8,) if scheme == "tvq" else (8, 8), dtype=torch.float64))

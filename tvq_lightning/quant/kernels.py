@@ -11,6 +11,10 @@ little more than loading the checkpoints. These kernels fuse the work into two p
 They produce bit-identical results to the pure torch reference in ``affine`` / ``packing`` (the
 tests check this), run on CPU float32 tensors, and fall back to the torch path for other devices
 or dtypes, when numba is missing, or when ``TVQ_DISABLE_NUMBA=1``.
+
+The kernels are serial and release the GIL (``nogil``): callers parallelise across tasks with
+threads (:func:`parallel_map`), which scales without the per-call barrier of a parallel loop and
+degrades gracefully when the machine is busy.
 """
 from __future__ import annotations
 
@@ -23,12 +27,10 @@ from torch import Tensor
 
 try:  # numba is a hard dependency, but keep the package importable without it
     import numba
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
-_NCHUNK = 64
-_GROUPS = 8192  # groups of 8 codes per parallel work item (64 KiB of codes)
 
 
 def numba_enabled() -> bool:
@@ -43,32 +45,18 @@ def _usable(*ts: Tensor) -> bool:
 
 if numba is not None:
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _sub_minmax_nb(a, b, out, has_b):  # pragma: no cover - compiled
-        n = a.size
-        nchunk = min(_NCHUNK, max(1, n // 4096))
-        los = np.empty(nchunk, np.float32)
-        his = np.empty(nchunk, np.float32)
-        sums = np.zeros(nchunk, np.float64)
-        per = (n + nchunk - 1) // nchunk
-        for c in prange(nchunk):
-            start = c * per
-            end = min(n, start + per)
-            lo = np.float32(np.inf)
-            hi = np.float32(-np.inf)
-            acc = 0.0
-            for i in range(start, end):
-                v = a[i] - b[i] if has_b else a[i]
-                out[i] = v
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
-                acc += v * 0.0  # NaN/Inf propagate, finite values add nothing
-            los[c] = lo
-            his[c] = hi
-            sums[c] = acc
-        return los.min(), his.max(), np.isfinite(sums.sum())
+        lo = np.float32(np.inf)
+        hi = np.float32(-np.inf)
+        acc = np.float32(0.0)
+        for i in range(a.size):
+            v = a[i] - b[i] if has_b else a[i]
+            out[i] = v
+            lo = min(lo, v)
+            hi = max(hi, v)
+            acc += v * np.float32(0.0)  # NaN / Inf propagate, finite values add nothing
+        return lo, hi, np.isfinite(acc)
 
     @njit(cache=True, inline="always")
     def _compress(w, bits):  # pragma: no cover - compiled
@@ -92,46 +80,46 @@ if numba is not None:
         w = (w & m1) | ((w & (m1 << np.uint64(bits))) << np.uint64(8 - bits))
         return w
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _quantize_tensor_nb(x, sb, zb, levels, codes):  # pragma: no cover - compiled
         # per tensor: one flat loop, which LLVM vectorises
-        for i in prange(x.size):
+        for i in range(x.size):
             q = np.rint(x[i] * sb + zb)
             codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _quantize_blocks_nb(x, s, z, width, levels, codes):  # pragma: no cover - compiled
         n = x.size
-        for blk in prange(s.size):
+        for blk in range(s.size):
             sb = s[blk]
             zb = z[blk]
             for i in range(blk * width, min(n, (blk + 1) * width)):
                 q = np.rint(x[i] * sb + zb)
                 codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _pack1_nb(c, out):  # pragma: no cover - compiled
-        for o in prange(out.size):
+        for o in range(out.size):
             i = 8 * o
             out[o] = (c[i] | (c[i + 1] << np.uint8(1)) | (c[i + 2] << np.uint8(2)) | (c[i + 3] << np.uint8(3))
                       | (c[i + 4] << np.uint8(4)) | (c[i + 5] << np.uint8(5)) | (c[i + 6] << np.uint8(6))
                       | (c[i + 7] << np.uint8(7)))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _pack2_nb(c, out):  # pragma: no cover - compiled
-        for o in prange(out.size):
+        for o in range(out.size):
             i = 4 * o
             out[o] = c[i] | (c[i + 1] << np.uint8(2)) | (c[i + 2] << np.uint8(4)) | (c[i + 3] << np.uint8(6))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _pack4_nb(c, out):  # pragma: no cover - compiled
-        for o in prange(out.size):
+        for o in range(out.size):
             out[o] = c[2 * o] | (c[2 * o + 1] << np.uint8(4))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _pack_words_nb(words, bits, out):  # pragma: no cover - compiled
         nbytes = out.size
-        for g in prange(words.size):
+        for g in range(words.size):
             w = _compress(words[g], bits)
             base = g * bits
             for k in range(min(bits, nbytes - base)):
@@ -151,17 +139,17 @@ if numba is not None:
         else:
             _pack_words_nb(words, bits, out)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _unpack1_nb(p, c):  # pragma: no cover - compiled
-        for o in prange(p.size):
+        for o in range(p.size):
             v = p[o]
             i = 8 * o
             for j in range(8):
                 c[i + j] = (v >> np.uint8(j)) & np.uint8(1)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _unpack2_nb(p, c):  # pragma: no cover - compiled
-        for o in prange(p.size):
+        for o in range(p.size):
             v = p[o]
             i = 4 * o
             c[i] = v & np.uint8(3)
@@ -169,17 +157,17 @@ if numba is not None:
             c[i + 2] = (v >> np.uint8(4)) & np.uint8(3)
             c[i + 3] = v >> np.uint8(6)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _unpack4_nb(p, c):  # pragma: no cover - compiled
-        for o in prange(p.size):
+        for o in range(p.size):
             v = p[o]
             c[2 * o] = v & np.uint8(15)
             c[2 * o + 1] = v >> np.uint8(4)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _unpack_words_nb(packed, bits, words):  # pragma: no cover - compiled
         nbytes = packed.size
-        for g in prange(words.size):
+        for g in range(words.size):
             base = g * bits
             w = np.uint64(0)
             for k in range(min(bits, nbytes - base)):
@@ -196,19 +184,27 @@ if numba is not None:
         else:
             _unpack_words_nb(packed, bits, words)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _dequant_tensor_nb(codes, zb, sb, out):  # pragma: no cover - compiled
-        for i in prange(out.size):
+        for i in range(out.size):
             out[i] = (np.float32(codes[i]) - zb) * sb
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _dequant_blocks_nb(codes, z, scale, width, out):  # pragma: no cover - compiled
         n = out.size
-        for blk in prange(z.size):
+        for blk in range(z.size):
             zb = z[blk]
             sb = scale[blk]
             for i in range(blk * width, min(n, (blk + 1) * width)):
                 out[i] = (np.float32(codes[i]) - zb) * sb
+
+
+    @njit(cache=True, nogil=True)
+    def _histogram_nb(codes, numel, levels):  # pragma: no cover - compiled
+        out = np.zeros(levels, np.int64)
+        for i in range(numel):
+            out[codes[i]] += 1
+        return out
 
 
 _scratch = threading.local()
@@ -283,3 +279,37 @@ def unpack_dequantize(packed: Tensor, z: Tensor, scale: Tensor, bits: int, numel
     else:
         _dequant_blocks_nb(codes, z.float().contiguous().numpy(), scale.float().contiguous().numpy(), width, o)
     return True
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def num_workers() -> int:
+    """Threads for :func:`parallel_map`: ``TVQ_NUM_THREADS`` or torch's intra-op thread count."""
+    env = os.environ.get("TVQ_NUM_THREADS")
+    return max(1, int(env)) if env else max(1, torch.get_num_threads())
+
+
+def parallel_map(fn, items):
+    """``[fn(x) for x in items]`` on a shared thread pool (the kernels release the GIL)."""
+    items = list(items)
+    workers = num_workers()
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="tvq")
+    return list(_POOL.map(fn, items))
+
+
+def code_histogram(packed: Tensor, bits: int, numel: int) -> Tensor | None:
+    """Counts of each code value (int64, ``2**bits`` entries) of a packed tensor; None without numba."""
+    if not _usable(packed):
+        return None
+    codes, words = _scratch_codes(numel)
+    _unpack_nb(packed.numpy(), bits, codes, words)
+    return torch.from_numpy(_histogram_nb(codes, numel, 1 << bits))

@@ -37,8 +37,12 @@ def fq_task_vector(q: QTensor, pretrained: Tensor) -> Tensor:
 
 
 def rtvq_base(taus: Sequence[Tensor], spec: QuantSpec) -> tuple[QTensor, Tensor]:
-    """The quantized base of RTVQ and its fp32 mean ``beta``."""
-    beta = torch.stack([t.float() for t in taus]).mean(0) if len(taus) > 1 else taus[0].float().clone()
+    """The quantized base of RTVQ and its fp32 mean ``beta`` (summed in task order, then divided)."""
+    beta = taus[0].float().clone()
+    for t in taus[1:]:
+        beta.add_(t.float())
+    if len(taus) > 1:
+        beta.div_(len(taus))
     return QTensor.quantize(beta, spec), beta
 
 

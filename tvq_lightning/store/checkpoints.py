@@ -182,6 +182,16 @@ class _SafetensorsSource:
         t = t.view(shape)
         return t.clone() if offset % dtype.itemsize else t
 
+    def release(self) -> None:
+        """Drop the mapping's resident pages (they are re-read from the page cache on access).
+
+        The mapping is private and never written, so every tensor handed out stays valid: its
+        pages simply fault in again. Streaming passes call this after each key so that resident
+        memory does not grow with the bytes read.
+        """
+        if hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
     def _copy(self, key: str) -> torch.Tensor:
         from safetensors import safe_open  # slow path only: big-endian hosts, odd buffers
 
@@ -317,6 +327,11 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def meta(self, key: str) -> tuple[Shape, torch.dtype]:
         """``(shape, dtype)`` of ``key`` without reading its data."""
         return self._open_source().meta(self._key_map[key])
+
+    def release(self) -> None:
+        """Let go of resident pages of a memory-mapped file (no-op for other formats)."""
+        if self._source is not None and hasattr(self._source, "release"):
+            self._source.release()
 
     @property
     def closed(self) -> bool:

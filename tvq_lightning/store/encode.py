@@ -4,6 +4,7 @@ Pure functions of one key's tensors returning what to save; the writer owns all 
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -11,10 +12,22 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..quant.config import QuantSpec
-from ..quant.kernels import sub_minmax
+from ..quant.kernels import parallel_map, sub_minmax
 from ..quant.qtensor import QTensor
-from ..quant.schemes import rtvq_base, rtvq_offset
+from ..quant.schemes import rtvq_base
 from .layout import KeyInfo, StoreConfig
+
+
+_local = threading.local()
+
+
+def scratch(numel: int) -> Tensor:
+    """A per-thread float32 buffer of at least ``numel`` elements (reused across keys)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1 << 16))
+        _local.buf = buf
+    return buf[:numel]
 
 
 def task_vector_into(finetuned: Tensor, pretrained: Tensor, out: Tensor, *, label: str, key: str) -> tuple[Tensor, float, float]:
@@ -42,15 +55,24 @@ def encode_single(tau: Tensor, lo: float, hi: float, info: KeyInfo, cfg: StoreCo
 
 def encode_rtvq(taus: Sequence[Tensor], ranges: Sequence[tuple[float, float]], info: KeyInfo, cfg: StoreConfig,
                 key: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    """RTVQ of one key across tasks: (base tensors, per-task offset tensors)."""
+    """RTVQ of one key across tasks: (base tensors, per-task offset tensors).
+
+    Same arithmetic as :func:`~tvq_lightning.quant.schemes.rtvq_quantize`; the offsets are
+    formed in place in ``taus`` with the fused subtract / range kernel, in parallel over tasks.
+    """
     if all(lo == 0.0 and hi == 0.0 for lo, hi in ranges):
         return {}, [{} for _ in taus]
     if not info.quantized:
         return {}, [{} if r == (0.0, 0.0) else {key: t} for t, r in zip(taus, ranges)]
     base, beta = rtvq_base(taus, cfg.spec(info.base_bits))
-    base_hat = base.dequantize()
-    offsets = [rtvq_offset(t, base_hat, beta, cfg.spec(info.offset_bits), cfg.error_correction).state(key) for t in taus]
-    return base.state(key), offsets
+    ref = base.dequantize() if cfg.error_correction else beta
+    spec = cfg.spec(info.offset_bits)
+
+    def offset(i: int) -> dict[str, Tensor]:
+        delta, lo, hi, _ = sub_minmax(taus[i], ref, taus[i])
+        return QTensor.quantize(delta, spec, value_range=(lo, hi)).state(key)
+
+    return base.state(key), parallel_map(offset, range(len(taus)))
 
 
 def offset_against(tau: Tensor, base_hat: Tensor | None, spec: QuantSpec, key: str) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, FingerprintMismatch, StoreError
+from ..quant.kernels import parallel_map
 from ..quant.qtensor import CODES, SCALE, ZERO, QTensor
 from .checkpoints import LazyStateDict, open_checkpoint
 from .fingerprint import fingerprint_state_dict, short_fingerprint
@@ -145,16 +146,17 @@ class TaskVectorStore:
         if self.scheme == "rtvq":
             base = self.base_qtensor(key)
             base_hat = base.dequantize() if base is not None else None
-        out = []
-        for t in tasks:
+
+        def decode(t: str) -> Tensor:
             q = self.qtensor(t, key)
-            tau = q.dequantize() if q is not None else torch.zeros(info.shape)
+            if q is None:
+                return torch.zeros(info.shape)
+            tau = q.dequantize()
             if self.scheme == "fq":
-                tau = tau.sub_(pretrained.float()) if q is not None else tau
-            elif base_hat is not None:
-                tau = tau.add_(base_hat)
-            out.append(tau)
-        return out
+                return tau.sub_(pretrained.float())
+            return tau.add_(base_hat) if base_hat is not None else tau
+
+        return parallel_map(decode, tasks)
 
     def iter_task_vector(self, task: str, pretrained: Mapping[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
         """``(key, tau)`` for every key, one at a time."""
@@ -163,6 +165,11 @@ class TaskVectorStore:
 
     def task_state_dict(self, task: str, pretrained: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         return dict(self.iter_task_vector(task, pretrained))
+
+    def release(self) -> None:
+        """Drop resident pages of every open file (streaming passes call this after each key)."""
+        for f in self._files.values():
+            f.release()
 
     def close(self) -> None:
         for f in self._files.values():

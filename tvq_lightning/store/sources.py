@@ -24,6 +24,10 @@ class Source:
     label: str
     sd: Mapping[str, Tensor]
 
+    def release(self) -> None:
+        if isinstance(self.sd, LazyStateDict):
+            self.sd.release()
+
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         if isinstance(self.sd, LazyStateDict):
             return self.sd.meta(key)

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ..errors import OutputExistsError, QuantConfigError, TvqError
 from ..quant.policy import is_quantized
 from ..quant.qtensor import CODES, SCALE, ZERO
-from .encode import encode_rtvq, encode_single, offset_against, task_vector_into
+from ..quant.kernels import parallel_map
+from .encode import encode_rtvq, encode_single, offset_against, scratch, task_vector_into
 from .fingerprint import fingerprint_state_dict
 from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
 from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo
@@ -93,32 +94,49 @@ def _allocate(pre: Source, fts: list[Source], pre_keys, cfg: StoreConfig, sensit
 def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
                 task_writers: list[SafetensorsStreamWriter], base_writer: SafetensorsStreamWriter | None,
                 show: bool, frozen_base: TaskVectorStore | None = None) -> None:
-    """The main pass: for each key read theta_0 and every task's weights, encode, append."""
-    scratch = torch.empty(max((i.numel for i in infos.values()), default=0))
+    """The main pass: for each key read theta_0 and every task's weights, encode, append.
+
+    Tasks of one key are encoded in parallel threads (the kernels release the GIL); task ``i``'s
+    file is only appended to by the thread handling task ``i`` of the current key.
+    """
+    tasks = range(len(fts))
     for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
         info = infos[k]
         p = pre.sd[k]
         if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
-            res = [task_vector_into(f.sd[k], p, torch.empty(info.shape), label=f.label, key=k) for f in fts]
+            res = parallel_map(lambda i: task_vector_into(fts[i].sd[k], p, torch.empty(info.shape), label=fts[i].label, key=k), tasks)
             base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
             for name, t in base.items():
                 base_writer.add(name, t)
             for w, parts in zip(task_writers, offsets):
                 for name, t in parts.items():
                     w.add(name, t)
+            _release(pre, fts)
             continue
         base_hat = None
         if frozen_base is not None and info.quantized:
             bq = frozen_base.base_qtensor(k)
             base_hat = bq.dequantize() if bq is not None else None
-        for f, w in zip(fts, task_writers):
-            tau, lo, hi = task_vector_into(f.sd[k], p, scratch[: info.numel].view(info.shape), label=f.label, key=k)
-            if base_hat is not None or (frozen_base is not None and info.quantized):
+
+        def work(i: int) -> None:
+            f, w = fts[i], task_writers[i]
+            tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
+            if frozen_base is not None and info.quantized:
                 parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
             else:
                 parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
             for name, t in parts.items():
                 w.add(name, t)
+
+        parallel_map(work, tasks)
+        _release(pre, fts)
+
+
+def _release(pre: Source, fts: list[Source]) -> None:
+    """Resident memory stays one key's worth: drop the pages of the memory-mapped inputs."""
+    pre.release()
+    for f in fts:
+        f.release()
 
 
 def _task_metadata(name: str, cfg: StoreConfig, fingerprint: str) -> dict[str, str]:
