@@ -1,0 +1,115 @@
+"""A LightningDataModule over several classification tasks, in the shape every module expects.
+
+- ``train_dataloader()``: with ``train_task`` set, that task's labelled training set (fine-tuning);
+  otherwise a :class:`~lightning.pytorch.utilities.CombinedLoader` (``max_size_cycle``) of every
+  task's *unlabelled* test images, ``{task: images}`` per step (test-time adaptation).
+- ``val_dataloader()`` / ``test_dataloader()``: one labelled loader per task, in task order, so
+  ``dataloader_idx`` is the task index.
+
+Concrete suites (the generated toy tasks below, the embedded benchmark, public datasets) only
+implement :meth:`MultiTaskDataModule.make_split`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..errors import TvqError
+
+
+class ImagesOnly(Dataset):
+    """Drop the labels of a labelled dataset (unlabelled adaptation never sees them)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0]
+
+
+class MultiTaskDataModule(pl.LightningDataModule):
+    """Base class: ``make_split(task, split) -> Dataset`` of ``(image, label)``."""
+
+    def __init__(self, tasks: Sequence[str], batch_size: int = 32, eval_batch_size: int | None = None,
+                 train_task: str | None = None, num_workers: int = 0):
+        super().__init__()
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise TvqError("a multi-task data module needs at least one task")
+        if train_task is not None and train_task not in self.tasks:
+            raise TvqError(f"train_task {train_task!r} is not one of the tasks: {', '.join(self.tasks)}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.train_task = train_task
+        self.num_workers = num_workers
+        self._splits: dict[tuple[str, str], Dataset] = {}
+
+    # -- to implement --------------------------------------------------------------------------
+    def make_split(self, task: str, split: str) -> Dataset:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def num_classes(self, task: str) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def split(self, task: str, split: str) -> Dataset:
+        key = (task, split)
+        if key not in self._splits:
+            self._splits[key] = self.make_split(task, split)
+        return self._splits[key]
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=False, generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+    def train_dataloader(self):
+        if self.train_task is not None:
+            return self._loader(self.split(self.train_task, "train"), self.batch_size, shuffle=True)
+        return CombinedLoader({t: self._loader(ImagesOnly(self.split(t, "test")), self.batch_size, shuffle=True)
+                               for t in self.tasks}, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return [self._loader(self.split(t, "val"), self.eval_batch_size, shuffle=False) for t in self.tasks]
+
+    def test_dataloader(self):
+        return [self._loader(self.split(t, "test"), self.eval_batch_size, shuffle=False) for t in self.tasks]
+
+
+class ToyTasks(MultiTaskDataModule):
+    """Generated image tasks for tests and tiny configs: each class of each task is a fixed random
+    colour pattern plus noise, so a small encoder learns them in seconds. Deterministic per seed.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("a", "b"), num_classes: int | Sequence[int] = 4, image_size: int = 32,
+                 train_size: int = 256, val_size: int = 64, test_size: int = 128, noise: float = 0.6, seed: int = 0,
+                 batch_size: int = 32, eval_batch_size: int | None = None, train_task: str | None = None,
+                 num_workers: int = 0):
+        super().__init__(tasks, batch_size, eval_batch_size, train_task, num_workers)
+        counts = [num_classes] * len(self.tasks) if isinstance(num_classes, int) else list(num_classes)
+        if len(counts) != len(self.tasks):
+            raise TvqError(f"num_classes has {len(counts)} entries for {len(self.tasks)} tasks; give one per task")
+        self._classes = dict(zip(self.tasks, counts))
+        self.image_size, self.noise, self.seed = image_size, noise, seed
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+
+    def num_classes(self, task: str) -> int:
+        return self._classes[task]
+
+    def make_split(self, task: str, split: str) -> Dataset:
+        t = self.tasks.index(task)
+        g = torch.Generator().manual_seed(self.seed * 1000 + t)
+        c, s = self._classes[task], self.image_size
+        protos = torch.randn(c, 3, s // 8, s // 8, generator=g)
+        protos = torch.nn.functional.interpolate(protos, size=(s, s), mode="bilinear", align_corners=False)
+        gs = torch.Generator().manual_seed(self.seed * 1000 + t * 10 + ["train", "val", "test"].index(split) + 1)
+        n = self.sizes[split]
+        labels = torch.randint(0, c, (n,), generator=gs)
+        images = protos[labels] + self.noise * torch.randn(n, 3, s, s, generator=gs)
+        return TensorDataset(images, labels)

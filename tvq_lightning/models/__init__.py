@@ -1,0 +1,5 @@
+"""Encoders plus per-task heads (open_clip, timm, any nn.Module)."""
+from .heads import ClassificationHead
+from .multitask import MultiTaskModel
+
+__all__ = ["ClassificationHead", "MultiTaskModel"]
