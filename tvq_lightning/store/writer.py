@@ -22,7 +22,7 @@ from ..quant.policy import is_quantized
 from ..quant.qtensor import CODES, SCALE, ZERO
 from ..quant.kernels import parallel_map
 from .encode import encode_rtvq, encode_single, offset_against, scratch, task_vector_into
-from .fingerprint import fingerprint_state_dict
+from .fingerprint import combine_entries, tensor_entry
 from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
 from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo
 from .reader import TaskVectorStore
@@ -93,47 +93,67 @@ def _allocate(pre: Source, fts: list[Source], pre_keys, cfg: StoreConfig, sensit
 
 def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
                 task_writers: list[SafetensorsStreamWriter], base_writer: SafetensorsStreamWriter | None,
-                show: bool, frozen_base: TaskVectorStore | None = None) -> None:
+                show: bool, frozen_base: TaskVectorStore | None = None,
+                fingerprint: dict[str, tuple] | None = None) -> None:
     """The main pass: for each key read theta_0 and every task's weights, encode, append.
 
     Tasks of one key are encoded in parallel threads (the kernels release the GIL); task ``i``'s
-    file is only appended to by the thread handling task ``i`` of the current key.
+    file is only appended to by the thread handling task ``i`` of the current key. When
+    ``fingerprint`` is a dict, theta_0's per-key fingerprint entries are computed in the same
+    pool, alongside the tasks, instead of in a separate pass over theta_0.
     """
-    tasks = range(len(fts))
+    tasks = list(range(len(fts)))
+    jobs = tasks + ([-1] if fingerprint is not None else [])
+    released = 0
     for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
         info = infos[k]
         p = pre.sd[k]
         if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
-            res = parallel_map(lambda i: task_vector_into(fts[i].sd[k], p, torch.empty(info.shape), label=fts[i].label, key=k), tasks)
+            def decode(i: int):
+                if i < 0:
+                    fingerprint[k] = tensor_entry(p)
+                    return None
+                return task_vector_into(fts[i].sd[k], p, torch.empty(info.shape), label=fts[i].label, key=k)
+
+            res = parallel_map(decode, jobs)[: len(tasks)]
             base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
             for name, t in base.items():
                 base_writer.add(name, t)
             for w, parts in zip(task_writers, offsets):
                 for name, t in parts.items():
                     w.add(name, t)
-            _release(pre, fts)
-            continue
-        base_hat = None
-        if frozen_base is not None and info.quantized:
-            bq = frozen_base.base_qtensor(k)
-            base_hat = bq.dequantize() if bq is not None else None
-
-        def work(i: int) -> None:
-            f, w = fts[i], task_writers[i]
-            tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
+        else:
+            base_hat = None
             if frozen_base is not None and info.quantized:
-                parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
-            else:
-                parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
-            for name, t in parts.items():
-                w.add(name, t)
+                bq = frozen_base.base_qtensor(k)
+                base_hat = bq.dequantize() if bq is not None else None
 
-        parallel_map(work, tasks)
-        _release(pre, fts)
+            def work(i: int) -> None:
+                if i < 0:
+                    fingerprint[k] = tensor_entry(p)
+                    return
+                f, w = fts[i], task_writers[i]
+                tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
+                if frozen_base is not None and info.quantized:
+                    parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
+                else:
+                    parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
+                for name, t in parts.items():
+                    w.add(name, t)
+
+            parallel_map(work, jobs)
+        released += 4 * info.numel * (len(fts) + 1)
+        if released > _RELEASE_BYTES:
+            _release(pre, fts)
+            released = 0
+    _release(pre, fts)
+
+
+_RELEASE_BYTES = 256 << 20  # drop mapped pages every 256 MiB read: RSS stays bounded, few syscalls
 
 
 def _release(pre: Source, fts: list[Source]) -> None:
-    """Resident memory stays one key's worth: drop the pages of the memory-mapped inputs."""
+    """Resident memory stays bounded: drop the pages of the memory-mapped inputs."""
     pre.release()
     for f in fts:
         f.release()
@@ -188,30 +208,40 @@ def quantize_to_store(
         if not (out / LAYOUT_FILE).is_file():
             raise OutputExistsError(f"{out} exists and is not a store; choose another --out or pass --overwrite")
         return _add_tasks(TaskVectorStore(out), pre, fts, config, rtvq_base, progress)
-    fingerprint = fingerprint_state_dict(pre.sd)
     allocation = _allocate(pre, fts, pre_keys, config, sensitivity, progress) if config.budget is not None else None
     infos = _key_infos(pre_keys, config, allocation)
     with staged_directory(out, overwrite=overwrite) as tmp:
         (tmp / "tasks").mkdir()
-        layout = _write_generation(tmp, pre, fts, infos, config, fingerprint, generation=1, show=progress)
+        layout = _write_generation(tmp, pre, fts, infos, config, None, generation=1, show=progress)
         layout = layout.with_(allocation=None if allocation is None else allocation.to_json())
         atomic_write_json(tmp / LAYOUT_FILE, layout.to_json())
     return layout
 
 
+_PENDING = "tvq1:" + "0" * 64  # same length as the fingerprint that replaces it at close
+
+
 def _write_generation(root: Path, pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
-                      fingerprint: str, generation: int, show: bool, frozen_base: TaskVectorStore | None = None,
+                      fingerprint: str | None, generation: int, show: bool, frozen_base: TaskVectorStore | None = None,
                       keep: Layout | None = None) -> Layout:
-    """Encode ``fts`` into new files of ``generation`` under ``root``; returns the new layout."""
+    """Encode ``fts`` into new files of ``generation`` under ``root``; returns the new layout.
+
+    ``fingerprint=None``: theta_0's fingerprint is computed during the pass (new stores).
+    """
     rel = {f.name: f"tasks/{f.name}.g{generation}.safetensors" for f in fts}
-    writers = [_writer(root / rel[f.name], infos, cfg, _task_metadata(f.name, cfg, fingerprint)) for f in fts]
+    writers = [_writer(root / rel[f.name], infos, cfg, _task_metadata(f.name, cfg, fingerprint or _PENDING)) for f in fts]
     base_rel = f"base.g{generation}.safetensors"
     base_writer = None
     if cfg.scheme == "rtvq" and frozen_base is None:
-        base_writer = _writer(root / base_rel, infos, cfg, _task_metadata("base", cfg, fingerprint), quantized_only=True)
+        base_writer = _writer(root / base_rel, infos, cfg, _task_metadata("base", cfg, fingerprint or _PENDING), quantized_only=True)
     all_writers = writers + ([base_writer] if base_writer else [])
+    entries = None if fingerprint is not None else {k: tensor_entry(pre.sd[k]) for k in pre.sd.keys() if k not in infos}
     try:
-        _encode_all(pre, fts, infos, cfg, writers, base_writer, show, frozen_base)
+        _encode_all(pre, fts, infos, cfg, writers, base_writer, show, frozen_base, entries)
+        if fingerprint is None:
+            fingerprint = combine_entries(entries)
+            for w in all_writers:
+                w.metadata["pretrained"] = fingerprint
         sizes = [w.close() for w in writers]
         base_size = base_writer.close() if base_writer else 0
     except BaseException:
