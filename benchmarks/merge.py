@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import vit_b32_checkpoints, warm_page_cache  # noqa: E402
 
-from tvq_lightning.store import StoreConfig, quantize_to_store  # noqa: E402
+from tvq_lightning.errors import TvqError  # noqa: E402
+from tvq_lightning.store import StoreConfig, TaskVectorStore, load_state_dict, quantize_to_store  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -62,9 +63,17 @@ def reference(pre: Path, fts: list[Path], method: str, out: Path) -> list[str]:
 
 
 def build_store(pre: Path, ft: dict[str, Path], path: Path, cfg: StoreConfig) -> Path:
-    if not (path / "layout.json").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        quantize_to_store(pre, ft, path, cfg, progress=False)
+    """Build the store once; rebuild it when it is stale (other tasks, settings or theta_0)."""
+    if (path / "layout.json").exists():
+        try:
+            s = TaskVectorStore(path)
+            s.check_pretrained(load_state_dict(pre))
+            if s.tasks == list(ft) and s.config == cfg:
+                return path
+        except TvqError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+    quantize_to_store(pre, ft, path, cfg, progress=False)
     return path
 
 

@@ -1,18 +1,44 @@
 """``tvq``: the command-line entry point.
 
 Store commands (``quantize``, ``merge``, ``inspect``, ``export``) and the ``demo`` are argparse
-sub-commands. Every :class:`~tvq_lightning.errors.TvqError` becomes one line on stderr,
+sub-commands. ``fit``, ``validate``, ``test`` and ``predict`` hand the rest of the command line to
+a LightningCLI (:mod:`tvq_lightning.cli.lightning`): ``tvq fit -c configs/adamerging_layer.yaml``.
+Every :class:`~tvq_lightning.errors.TvqError` becomes one line on stderr,
 ``tvq: error: ...``, and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..errors import TvqError
-from . import demo, export, inspect, merge, quantize
+# torch's OpenMP threads and numba's (the fused quantization kernels) both spin after a parallel
+# region; on a machine with few cores they then steal each other's time slices (a tiny config
+# runs 4x slower). Passive waiting avoids it; it must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .. import __version__  # noqa: E402
+from ..errors import TvqError  # noqa: E402
+from . import demo, export, inspect, merge, quantize  # noqa: E402
+
+# The LightningCLI sub-commands (tvq_lightning.cli.lightning, imported only when one runs: importing
+# Lightning takes seconds the store commands should not pay).
+LIGHTNING_HELP: dict[str, str] = {
+    "fit": "LightningCLI: train a module from a YAML config (fine-tune, AdaMerging, Tinting, Surgery)",
+    "validate": "LightningCLI: run the validation loop of a configured module",
+    "test": "LightningCLI: evaluate a configured module on every task's test set",
+    "predict": "LightningCLI: run the predict loop of a configured module",
+}
+LIGHTNING_COMMANDS: tuple[str, ...] = tuple(LIGHTNING_HELP)
+
+
+def run_lightning(argv: Sequence[str]) -> int:
+    """``tvq fit|validate|test|predict ...`` (see :func:`tvq_lightning.cli.lightning.run_lightning`)."""
+    from .lightning import run_lightning as run
+
+    return run(argv)
+
 
 COMMANDS = {"quantize": quantize, "merge": merge, "inspect": inspect, "export": export, "demo": demo}
 
@@ -21,16 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvq",
         description="Quantized task vectors (TVQ / RTVQ): store, merge, inspect and export them.",
-        epilog="Run `tvq COMMAND --help` for a command's options.",
+        epilog="Run `tvq COMMAND --help` for a command's options. fit, validate, test and predict are "
+               "LightningCLI sub-commands configured by YAML (`tvq fit -c configs/finetune_tiny.yaml`; "
+               "`--print_config` prints a config that re-runs as is).",
     )
     parser.add_argument("--version", action="version", version=f"tvq_lightning {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, mod in COMMANDS.items():
         mod.add_parser(sub)
+    for name in LIGHTNING_COMMANDS:  # listed for --help; main() hands them to LightningCLI first
+        p = sub.add_parser(name, help=LIGHTNING_HELP[name], add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, name=name: run_lightning([name, *a.rest]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,4 +1,4 @@
 """Data modules: multi-task classification suites."""
-from .multitask import ImagesOnly, MultiTaskDataModule, ToyTasks
+from .multitask import ImagesOnly, IndexedImages, MultiTaskDataModule, ToyTasks
 
-__all__ = ["ImagesOnly", "MultiTaskDataModule", "ToyTasks"]
+__all__ = ["ImagesOnly", "IndexedImages", "MultiTaskDataModule", "ToyTasks"]

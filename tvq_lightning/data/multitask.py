@@ -2,9 +2,12 @@
 
 - ``train_dataloader()``: with ``train_task`` set, that task's labelled training set (fine-tuning);
   otherwise a :class:`~lightning.pytorch.utilities.CombinedLoader` (``max_size_cycle``) of every
-  task's *unlabelled* test images, ``{task: images}`` per step (test-time adaptation).
+  task's *unlabelled* test images, ``{task: images}`` per step (test-time adaptation). With
+  ``train_indices`` set (modules that cache per-sample targets set it in ``setup``: Tinting,
+  Surgery), each task's batch is ``(indices, images)`` instead (:class:`IndexedImages`).
 - ``val_dataloader()`` / ``test_dataloader()``: one labelled loader per task, in task order, so
-  ``dataloader_idx`` is the task index.
+  ``dataloader_idx`` is the task index; under DDP each task's samples are split across ranks
+  without padding (:mod:`.sampling`), so counts and accuracies are exact.
 
 Concrete suites (the generated toy tasks below, the embedded benchmark, public datasets) only
 implement :meth:`MultiTaskDataModule.make_split`.
@@ -19,6 +22,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import TvqError
+from .sampling import unpadded_eval_loader
 
 
 class ImagesOnly(Dataset):
@@ -32,6 +36,20 @@ class ImagesOnly(Dataset):
 
     def __getitem__(self, i):
         return self.base[i][0]
+
+
+class IndexedImages(Dataset):
+    """``(index, image)`` of a labelled dataset: unlabelled adaptation with per-sample caches
+    (expert pseudo-labels or features computed once, looked up by index)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return i, self.base[i][0]
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -50,6 +68,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.train_task = train_task
         self.num_workers = num_workers
         self._splits: dict[tuple[str, str], Dataset] = {}
+        self.train_indices = False  # unlabelled batches as (indices, images): see IndexedImages
 
     # -- to implement --------------------------------------------------------------------------
     def make_split(self, task: str, split: str) -> Dataset:  # pragma: no cover - abstract
@@ -72,14 +91,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.train_task is not None:
             return self._loader(self.split(self.train_task, "train"), self.batch_size, shuffle=True)
-        return CombinedLoader({t: self._loader(ImagesOnly(self.split(t, "test")), self.batch_size, shuffle=True)
+        wrap = IndexedImages if self.train_indices else ImagesOnly
+        return CombinedLoader({t: self._loader(wrap(self.split(t, "test")), self.batch_size, shuffle=True)
                                for t in self.tasks}, mode="max_size_cycle")
 
     def val_dataloader(self):
-        return [self._loader(self.split(t, "val"), self.eval_batch_size, shuffle=False) for t in self.tasks]
+        return [unpadded_eval_loader(self._loader(self.split(t, "val"), self.eval_batch_size, shuffle=False))
+                for t in self.tasks]
 
     def test_dataloader(self):
-        return [self._loader(self.split(t, "test"), self.eval_batch_size, shuffle=False) for t in self.tasks]
+        return [unpadded_eval_loader(self._loader(self.split(t, "test"), self.eval_batch_size, shuffle=False))
+                for t in self.tasks]
 
 
 class ToyTasks(MultiTaskDataModule):

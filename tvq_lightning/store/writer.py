@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import OutputExistsError, QuantConfigError, TvqError
+from ..quant.allocation import Allocation
 from ..quant.policy import is_quantized
 from ..quant.qtensor import CODES, SCALE, ZERO
 from ..quant.kernels import parallel_map
@@ -91,6 +92,25 @@ def _allocate(pre: Source, fts: list[Source], pre_keys, cfg: StoreConfig, sensit
                          sensitivity=sensitivity)
 
 
+def _check_allocation(allocation: Allocation, pre_keys, cfg: StoreConfig) -> None:
+    """A given allocation must be for this scheme and give a width to every quantized key."""
+    if allocation.scheme != cfg.scheme:
+        raise QuantConfigError(f"the allocation is for {allocation.scheme}, the store config is {cfg.scheme}; use one scheme")
+    widths = allocation.bits if cfg.scheme == "tvq" else allocation.offset_bits
+    missing = [k for k, i in _key_infos(pre_keys, cfg).items() if i.quantized and k not in widths]
+    if missing:
+        raise QuantConfigError(f"the allocation has no width for quantized key {missing[0]!r} ({len(missing)} "
+                               f"missing); allocate over the same keys and policy ({cfg.policy!r})")
+
+
+def _allocation_record(allocation: Allocation, sensitivity: Mapping[str, float] | None) -> dict:
+    """The layout's ``allocation`` entry: the allocation, its one-line description, the weights."""
+    record = {**allocation.to_json(), "description": allocation.describe()}
+    if sensitivity is not None:
+        record["sensitivity"] = {k: float(v) for k, v in sensitivity.items()}
+    return record
+
+
 def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: StoreConfig,
                 task_writers: list[SafetensorsStreamWriter], base_writer: SafetensorsStreamWriter | None,
                 show: bool, frozen_base: TaskVectorStore | None = None,
@@ -105,6 +125,9 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
     tasks = list(range(len(fts)))
     jobs = tasks + ([-1] if fingerprint is not None else [])
     released = 0
+    # RTVQ needs every task's vector of a key at once: one reusable buffer per task (no page faults)
+    biggest = max((i.numel for i in infos.values() if i.quantized), default=0)
+    rtvq_bufs = [torch.empty(biggest) for _ in tasks] if cfg.scheme == "rtvq" and frozen_base is None else []
     for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
         info = infos[k]
         p = pre.sd[k]
@@ -113,7 +136,7 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
                 if i < 0:
                     fingerprint[k] = tensor_entry(p)
                     return None
-                return task_vector_into(fts[i].sd[k], p, torch.empty(info.shape), label=fts[i].label, key=k)
+                return task_vector_into(fts[i].sd[k], p, rtvq_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
 
             res = parallel_map(decode, jobs)[: len(tasks)]
             base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
@@ -174,6 +197,7 @@ def quantize_to_store(
     overwrite: bool = False,
     rtvq_base: RtvqBaseMode = "frozen",
     sensitivity: Mapping[str, float] | None = None,
+    allocation: Allocation | None = None,
     progress: bool = True,
 ) -> Layout:
     """Create the store ``out`` from fine-tuned checkpoints, or add the tasks to an existing one.
@@ -190,7 +214,11 @@ def quantize_to_store(
         rtvq_base: adding to an RTVQ store, keep its base (``frozen``: the new offsets are taken
             against the stored base) or ``recompute`` the base over all tasks (old tasks are then
             re-encoded from their stored reconstruction: one more rounding of their offsets).
-        sensitivity: per-key weights for the bit allocator (``config.budget``).
+        sensitivity: per-key weights for the bit allocator (``config.budget``); recorded in the
+            layout's ``allocation`` entry.
+        allocation: per-key widths chosen beforehand (e.g. by the ``BitAllocation`` callback),
+            used instead of running the allocator; it must name every quantized key. Only for a
+            new (or overwritten) store: tasks added to a store take its recorded widths.
     """
     out = Path(out)
     names = [check_task_name(n) for n in finetuned]
@@ -207,13 +235,19 @@ def quantize_to_store(
     if out.exists() and not overwrite:
         if not (out / LAYOUT_FILE).is_file():
             raise OutputExistsError(f"{out} exists and is not a store; choose another --out or pass --overwrite")
+        if allocation is not None:
+            raise QuantConfigError(f"store {out} exists: added tasks take its recorded per-key widths; "
+                                   f"drop allocation= or rebuild the store with overwrite=True")
         return _add_tasks(TaskVectorStore(out), pre, fts, config, rtvq_base, progress)
-    allocation = _allocate(pre, fts, pre_keys, config, sensitivity, progress) if config.budget is not None else None
+    if allocation is not None:
+        _check_allocation(allocation, pre_keys, config)
+    elif config.budget is not None:
+        allocation = _allocate(pre, fts, pre_keys, config, sensitivity, progress)
     infos = _key_infos(pre_keys, config, allocation)
     with staged_directory(out, overwrite=overwrite) as tmp:
         (tmp / "tasks").mkdir()
         layout = _write_generation(tmp, pre, fts, infos, config, None, generation=1, show=progress)
-        layout = layout.with_(allocation=None if allocation is None else allocation.to_json())
+        layout = layout.with_(allocation=None if allocation is None else _allocation_record(allocation, sensitivity))
         atomic_write_json(tmp / LAYOUT_FILE, layout.to_json())
     return layout
 

@@ -86,7 +86,10 @@ class Lines(Merger):
         taus = self._ties.trimmed(inp)
         gamma = torch.sign(stack_sum(taus))
         self._sign_total += float(gamma.sum())
-        ambiguous = bool(((gamma == 0) & torch.stack([t != 0 for t in taus]).any(0)).any())
+        nonzero = torch.zeros_like(gamma, dtype=torch.bool)
+        for t in taus:  # no T x numel stack
+            nonzero |= t != 0
+        ambiguous = bool(((gamma == 0) & nonzero).any())
         for s in ((1.0, -1.0, 0.0) if ambiguous else (1.0,)):
             self._ties._sign_total = s
             l1 = float(self._ties.merge_key(inp, final=True).abs().sum(dtype=torch.float64))

@@ -87,8 +87,10 @@ class Ties(Merger):
         gamma = torch.sign(total)
         if not final:
             self._sign_total += float(gamma.sum(dtype=torch.float64))
-            ambiguous = (gamma == 0) & torch.stack([t != 0 for t in taus]).any(0)
-            if bool(ambiguous.any()):
+            nonzero = torch.zeros_like(gamma, dtype=torch.bool)
+            for t in taus:  # no T x numel stack: one mask, accumulated
+                nonzero |= t != 0
+            if bool(((gamma == 0) & nonzero).any()):
                 return None
         else:
             gamma = torch.where(gamma == 0, torch.sign(torch.tensor(self._sign_total, dtype=gamma.dtype)), gamma)

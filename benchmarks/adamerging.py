@@ -1,0 +1,90 @@
+"""AdaMerging benchmark: step time and peak memory of layer-wise AdaMerging, fp32 store vs TVQ-INT4 store.
+
+    python benchmarks/adamerging.py [--steps 3] [--batch 4] [--workdir /tmp/tvq_bench]
+
+theta_0: the open_clip ViT-B-32 image encoder (random init), 8 synthetic task vectors, random
+224x224 images, batch 4 per task, on CPU. Each store runs in its own process (peak RSS via a
+minimal wrapper, see merge.py); the step time is the best of ``--steps`` optimizer steps after a
+warm-up step. The task vectors stay packed on the device and are dequantized inside the merge,
+so the INT4 run holds packed codes where the fp32 run holds 8 fp32 copies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import vit_b32_checkpoints  # noqa: E402
+from merge import PY, build_store, measure  # noqa: E402
+
+from tvq_lightning.store import StoreConfig  # noqa: E402
+
+
+def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
+    import open_clip
+    import torch
+
+    from tvq_lightning.models.heads import ClassificationHead
+    from tvq_lightning.modules.adamerging import AdaMerging
+    from tvq_lightning.store import TaskVectorStore
+
+    torch.manual_seed(0)
+    encoder = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    tasks = TaskVectorStore(store).tasks
+    heads = {t: ClassificationHead(torch.randn(10, 512)) for t in tasks}
+    module = AdaMerging(encoder, store, tasks=tasks, heads=heads, pretrained=pre, granularity="layer")
+    opt = torch.optim.Adam([module.coefficients], lr=1e-3)
+    batch_t = {t: torch.randn(batch, 3, 224, 224) for t in tasks}
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        module.adaptation_loss(batch_t).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    Path(out).write_text(json.dumps({"step_s": min(times[1:]), "packed_bytes": module.packed.nbytes()}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/tvq_bench"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--worker", nargs=3, metavar=("STORE", "PRETRAINED", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.steps, args.batch, args.worker[2])
+        return 0
+    pre, ft = vit_b32_checkpoints(args.workdir, args.tasks)
+    ft = dict(list(ft.items())[: args.tasks])
+    rows = {}
+    for scheme, cfg in (("fp32", StoreConfig("fp32")), ("tvq4", StoreConfig("tvq", bits=4))):
+        store = build_store(pre, ft, args.workdir / f"merge_{scheme}_T{args.tasks}", cfg)
+        res = args.workdir / f"adamerging_{scheme}.json"
+        wall, rss = measure([PY, str(Path(__file__).resolve()), "--steps", str(args.steps), "--batch", str(args.batch),
+                             "--worker", str(store), str(pre), str(res)])
+        rows[scheme] = {**json.loads(res.read_text()), "peak_rss": rss, "wall_s": wall}
+        r = rows[scheme]
+        print(f"{scheme:>5}: step {r['step_s']:.2f} s, peak RSS {rss / 2**20:.0f} MiB, packed task vectors "
+              f"{r['packed_bytes'] / 2**20:.0f} MiB", flush=True)
+    f, q = rows["fp32"], rows["tvq4"]
+    table = "\n".join([
+        f"Layer-wise AdaMerging, ViT-B/32 image encoder, {args.tasks} tasks, batch {args.batch} per task, CPU:", "",
+        "| store | step s | peak RSS MiB | packed task vectors MiB |", "|---|---:|---:|---:|",
+        *(f"| {k} | {r['step_s']:.2f} | {r['peak_rss'] / 2**20:.0f} | {r['packed_bytes'] / 2**20:.0f} |" for k, r in rows.items()),
+        "", f"INT4 / fp32: memory x{q['peak_rss'] / f['peak_rss']:.2f}, step time x{q['step_s'] / f['step_s']:.2f}"])
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adamerging.md").write_text(table + "\n")
+    (args.out / "adamerging.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""``tvq fit|validate|test|predict``: every config in configs/ runs, in order, through ``main``;
+``--print_config`` round-trips; the data -> model ``tasks`` link; TvqError as one line."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tvq_lightning.cli.lightning import TvqLightningCLI
+from tvq_lightning.cli.main import main
+from tvq_lightning.store import TaskVectorStore
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+NAMES = ["finetune_tiny", "evaluate_tiny", "adamerging_task", "adamerging_layer", "tinting_tiny", "surgery_tiny"]
+# (config, extra args) in the order configs/README.md gives; max_steps kept small
+PIPELINE = [
+    ("finetune_tiny", ["--trainer.max_steps", "20"]),
+    ("finetune_tiny", ["--trainer.max_steps", "20", "--model.task", "b", "--data.train_task", "b"]),
+    ("evaluate_tiny", ["-c", str(ROOT / "callbacks" / "report.yaml")]),
+    ("adamerging_task", ["--trainer.max_steps", "3"]),
+    ("adamerging_layer", ["--trainer.max_steps", "3"]),
+    ("tinting_tiny", ["--trainer.max_steps", "4"]),
+    ("surgery_tiny", ["--trainer.max_steps", "3"]),
+]
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+
+
+def command(name: str) -> str:
+    """The sub-command named on the config's first line (``# tvq <cmd> -c configs/<name>.yaml``)."""
+    return Path(CONFIGS / f"{name}.yaml").read_text().splitlines()[0].split()[2]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory for the module (the configs write under ./runs/tiny)."""
+    d = tmp_path_factory.mktemp("lightning-cli")
+    old = os.getcwd()
+    os.chdir(d)
+    yield d
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def pipeline(workdir):
+    codes = []
+    for name, extra in PIPELINE:
+        codes.append((name, main([command(name), "-c", str(CONFIGS / f"{name}.yaml"), *extra])))
+    return codes
+
+
+def test_config_files_name_their_command():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(NAMES)
+    for name in NAMES:
+        first = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith(f"# tvq {command(name)} -c configs/{name}.yaml"), first
+        assert command(name) in ("fit", "test")
+
+
+def test_every_config_runs_in_order(pipeline, workdir):
+    assert [rc for _, rc in pipeline] == [0] * len(PIPELINE), pipeline
+    tiny = workdir / "runs" / "tiny"
+    assert TaskVectorStore(tiny / "store").tasks == ["a", "b"]
+    assert (tiny / "pretrained.safetensors").is_file()
+    assert sorted(p.name for p in (tiny / "heads").iterdir()) == ["a.safetensors", "b.safetensors"]
+    for d in ("adamerging_task", "adamerging_layer", "tinting"):
+        assert (tiny / d / "coefficients.safetensors").is_file()
+    assert sorted(p.name for p in (tiny / "tinting" / "heads").iterdir()) == ["a.safetensors", "b.safetensors"]
+    for d in ("evaluate", "adamerging_task", "adamerging_layer", "tinting", "surgery"):
+        (log_dir,) = (tiny / d / "lightning_logs").iterdir()
+        report = json.loads((log_dir / "report.json").read_text())
+        assert report["tasks"] == ["a", "b"] and set(report["values"]["acc"]) == {"a", "b", "avg"}
+        assert (log_dir / "report.md").is_file() and (log_dir / "report.png").is_file()
+        assert (log_dir / "config.yaml").is_file()            # LightningCLI saved the resolved config
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_print_config_round_trips(name, workdir, tvq):
+    first = tvq(command(name), "-c", CONFIGS / f"{name}.yaml", "--print_config")
+    assert first.rc == 0, first.err
+    printed = workdir / f"printed-{name}.yaml"
+    printed.write_text(first.out)
+    again = tvq(command(name), "-c", printed, "--print_config")
+    assert again.rc == 0, again.err
+    assert again.out == first.out
+    cfg = yaml.safe_load(first.out)
+    assert cfg["data"]["init_args"]["tasks"] == ["a", "b"]
+    assert "tasks" not in cfg["model"]["init_args"]            # a link target: given once, on the data
+
+
+def test_printed_configs_rerun(pipeline, workdir, tvq):
+    for name, extra in (("evaluate_tiny", []), ("tinting_tiny", ["--trainer.max_steps", "2"])):
+        printed = workdir / f"rerun-{name}.yaml"
+        printed.write_text(tvq(command(name), "-c", CONFIGS / f"{name}.yaml", "--print_config").out)
+        res = tvq(command(name), "-c", printed, *extra)
+        assert res.rc == 0, res.err
+
+
+def test_tasks_link(pipeline, workdir):
+    cli = TvqLightningCLI(args=["-c", str(CONFIGS / "evaluate_tiny.yaml"), "--data.init_args.tasks", "[b]"], run=False)
+    assert cli.model.tasks == ["b"] and cli.datamodule.tasks == ["b"]
+    # a module without a `tasks` argument (single-task fine-tuning) is not linked
+    cli = TvqLightningCLI(args=["-c", str(CONFIGS / "finetune_tiny.yaml")], run=False)
+    assert cli.model.task == "a" and not hasattr(cli.model, "tasks")
+
+
+def test_tvq_error_is_one_line(workdir, tvq):
+    res = tvq("test", "-c", CONFIGS / "evaluate_tiny.yaml", "--model.init_args.store", "no-such-store")
+    assert res.rc == 2
+    lines = [ln for ln in res.err.splitlines() if ln.startswith("tvq: error:")]
+    assert len(lines) == 1 and "no-such-store" in lines[0], res.err
+    assert "Traceback" not in res.err
+
+
+def test_help_lists_lightning_commands(tvq):
+    res = tvq("--help")
+    assert res.rc == 0
+    for cmd in ("fit", "validate", "test", "predict", "quantize"):
+        assert f"    {cmd} " in res.out
+    res = tvq("fit", "--help")
+    assert res.rc == 0 and "usage: tvq" in res.out and "--test_after_fit" in res.out

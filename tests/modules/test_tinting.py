@@ -1,0 +1,181 @@
+"""Model Tinting / Tinting++: the confidence rule, expert pseudo-labels cached once, skipped steps,
+and a short run beating task arithmetic on ToyTasks."""
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tvq_lightning.data import ToyTasks
+from tvq_lightning.errors import TvqError
+from tvq_lightning.models.heads import ClassificationHead
+from tvq_lightning.modules import tinting as tinting_mod
+from tvq_lightning.modules._experts import confidence_keep
+from tvq_lightning.modules.evaluate import MergedEvaluation
+from tvq_lightning.modules.tinting import Tinting
+from tvq_lightning.store import TaskVectorStore, load_state_dict
+from tvq_lightning.testing import TinyEncoder, make_tta_assets
+
+TASKS = ["a", "b"]
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_tta_assets(tmp_path_factory.getbasetemp() / "tta-assets", tuple(TASKS), steps=40, reuse=True)
+
+
+def _dm(**kw) -> ToyTasks:
+    return ToyTasks(tasks=TASKS, batch_size=32, **kw)
+
+
+def _tinting(assets, **kw) -> Tinting:
+    return Tinting(TinyEncoder(width=32, depth=1), str(assets["store"]), TASKS, heads_dir=str(assets["heads_dir"]),
+                   pretrained=str(assets["pretrained"]), **kw)
+
+
+def _trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, **kw)
+
+
+# (c_e, y_e, c_m, y_m) -> kept?
+CASES = [
+    (0.9, 1, 0.5, 1, True),     # agree, expert confident
+    (0.2, 1, 0.9, 1, True),     # agree, expert unsure: still kept
+    (0.9, 1, 0.5, 2, True),     # disagree, expert more confident
+    (0.5, 1, 0.5, 2, True),     # disagree, equally confident (c_e >= c_m)
+    (0.4, 1, 0.6, 2, False),    # disagree, merged model more confident
+    (0.1, 0, 0.99, 3, False),
+]
+
+
+def test_confidence_rule_on_crafted_samples():
+    c_e, y_e, c_m, y_m, want = (torch.tensor(col) for col in zip(*CASES))
+    assert confidence_keep(c_e, y_e, c_m, y_m).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("sampling", [True, False])
+def test_task_loss_drops_exactly_the_rule_s_samples(assets, sampling):
+    m = _tinting(assets, confidence_sampling=sampling)
+    n = len(CASES)
+    c_e, y_e, c_m, y_m, want = (torch.tensor(col) for col in zip(*CASES))
+    # merged logits whose softmax has max prob c_m at class y_m (4 classes)
+    probs = torch.stack([torch.full((4,), (1 - c) / 3) for c in c_m.tolist()])
+    probs[torch.arange(n), y_m] = c_m.float()
+    logits = probs.log().requires_grad_(True)
+    idx = torch.arange(n) + 10                    # the cache is looked up by sample index
+    m.expert_labels = {"a": torch.zeros(20, dtype=torch.long), "b": torch.zeros(20, dtype=torch.long)}
+    m.expert_conf = {"a": torch.zeros(20), "b": torch.zeros(20)}
+    m.expert_labels["a"][idx], m.expert_conf["a"][idx] = y_e, c_e.float()
+    m.tinted_logits = lambda images, i, params: logits
+    loss, kept, seen = m.task_loss({"a": (idx, torch.zeros(n, 3, 32, 32))}, 0, {})
+    keep = want if sampling else torch.ones(n, dtype=torch.bool)
+    assert (kept, seen) == (int(keep.sum()), n)
+    assert torch.allclose(loss, F.cross_entropy(logits[keep], y_e[keep]))
+    loss.backward()
+    assert logits.grad[~keep].abs().sum() == 0 and logits.grad[keep].abs().sum() > 0
+
+
+def _independent_expert(assets, task: str, images: torch.Tensor):
+    pre = load_state_dict(assets["pretrained"])
+    with TaskVectorStore(assets["store"]) as st:
+        tau = st.task_state_dict(task, pre)
+    enc = TinyEncoder(width=32, depth=1)
+    enc.load_state_dict({k: (v.float() + tau[k]) if k in tau else v for k, v in pre.items()})
+    head = ClassificationHead.load(assets["heads_dir"] / f"{task}.safetensors")
+    with torch.no_grad():
+        return head(enc.eval()(images)).softmax(-1).max(-1)
+
+
+def test_pseudo_labels_cached_once(assets, monkeypatch):
+    calls = []
+    real = tinting_mod.expert_outputs
+    monkeypatch.setattr(tinting_mod, "expert_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m, dm = _tinting(assets), _dm()
+    seen = []
+    real_split = tinting_mod.split_batch
+    monkeypatch.setattr(tinting_mod, "split_batch", lambda b, t, n: seen.append(b[t][0]) or real_split(b, t, n))
+    _trainer(max_steps=6).fit(m, dm)
+    assert seen and all(i.dtype == torch.long for i in seen)   # (index, image) batches while fitting ...
+    assert not dm.train_indices                                # ... and plain image batches afterwards
+    assert m.expert_passes == 1 and len(calls) == len(TASKS)      # one pass per task, then lookups only
+    _trainer(max_steps=4).fit(m, dm)                    # fitting again reuses the cache
+    assert m.expert_passes == 1 and len(calls) == len(TASKS)
+    for t in TASKS:
+        images = dm.split(t, "test").tensors[0]
+        conf, labels = _independent_expert(assets, t, images)
+        assert m.expert_labels[t].shape == (len(images),)
+        assert torch.equal(m.expert_labels[t], labels)
+        assert torch.allclose(m.expert_conf[t], conf, atol=1e-5)
+
+
+@pytest.mark.parametrize("step_mode", ["task", "joint"])
+def test_step_skipped_when_nothing_is_kept(assets, step_mode):
+    m = _tinting(assets, step_mode=step_mode)
+    n = len(_dm().split("a", "test"))
+    # labels no prediction can match and a confidence below any softmax maximum: nothing is kept
+    m.expert_labels = {t: torch.full((n,), -1) for t in TASKS}
+    m.expert_conf = {t: torch.full((n,), -1.0) for t in TASKS}
+    coeffs, heads = m.coefficients.detach().clone(), [p.detach().clone() for p in m.model.heads.parameters()]
+    trainer = _trainer(max_epochs=1, limit_train_batches=3)
+    trainer.fit(m, _dm())
+    assert trainer.global_step == 0 and not trainer.optimizers[0].state
+    assert torch.equal(m.coefficients, coeffs)
+    assert all(torch.equal(a, b) for a, b in zip(m.model.heads.parameters(), heads))
+    assert m.expert_passes == 0                         # a filled cache is never recomputed
+    assert float(trainer.callback_metrics["train/kept"]) == 0.0
+
+
+def test_beats_task_arithmetic_and_saves(assets, tmp_path):
+    dm = _dm()
+    ta = MergedEvaluation(TinyEncoder(width=32, depth=1), TASKS, heads_dir=str(assets["heads_dir"]),
+                          store=str(assets["store"]), pretrained=str(assets["pretrained"]), method="task_arithmetic")
+    _trainer().test(ta, dm, verbose=False)
+    heads = {t: ClassificationHead.load(assets["heads_dir"] / f"{t}.safetensors") for t in TASKS}
+    given = {t: h.weight.detach().clone() for t, h in heads.items()}
+    m = Tinting(TinyEncoder(width=32, depth=1), str(assets["store"]), TASKS, heads=heads,
+                pretrained=str(assets["pretrained"]), coefficients_out=str(tmp_path / "c.safetensors"),
+                heads_out=str(tmp_path / "heads"))
+    trainer = _trainer(max_steps=20)
+    trainer.fit(m, dm)
+    assert trainer.global_step == 20                    # max_steps counts optimizer steps (one per task)
+    trainer.test(m, dm, verbose=False)
+    assert m.results["avg"] > ta.results["avg"] + 0.05, (m.results, ta.results)
+    assert all(torch.equal(heads[t].weight, given[t]) for t in TASKS)      # the caller's heads are untouched
+    assert m.coefficients.shape == (len(m.packed.keys), len(TASKS))        # layer-wise by default
+    # the saved coefficients + tinted heads reproduce the result without training
+    ev = MergedEvaluation(TinyEncoder(width=32, depth=1), TASKS, heads_dir=str(tmp_path / "heads"),
+                          store=str(assets["store"]), pretrained=str(assets["pretrained"]),
+                          coefficients=str(tmp_path / "c.safetensors"))
+    _trainer().test(ev, dm, verbose=False)
+    assert ev.results == pytest.approx(m.results)
+
+
+def test_block_tint(assets):
+    m = _tinting(assets, tint="block:blocks.0", step_mode="joint")
+    heads = [p.detach().clone() for p in m.model.heads.parameters()]
+    enc = {k: v.detach().clone() for k, v in m.model.encoder.state_dict().items()}
+    assert all(not p.requires_grad for p in m.model.parameters())
+    assert {n for n, _ in m.named_parameters() if _.requires_grad} == {"coefficients"} | {
+        f"deltas.{i}.{k}" for i in range(len(TASKS)) for k in m.deltas[i].keys()}
+    trainer = _trainer(max_steps=3)
+    trainer.fit(m, _dm())
+    trainer.test(m, _dm(), verbose=False)
+    assert any(p.abs().sum() > 0 for p in m.deltas.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(m.model.heads.parameters(), heads))
+    assert all(torch.equal(v, enc[k]) for k, v in m.model.encoder.state_dict().items())
+    assert 0.0 <= m.results["avg"] <= 1.0
+
+
+def test_bad_tint_options(assets):
+    with pytest.raises(TvqError, match="no submodule 'nope'"):
+        _tinting(assets, tint="block:nope")
+    with pytest.raises(TvqError, match="tint='layer'"):
+        _tinting(assets, tint="layer")
+    with pytest.raises(TvqError, match="unset data.train_task"):
+        _trainer(max_steps=1).fit(_tinting(assets), _dm(train_task="a"))

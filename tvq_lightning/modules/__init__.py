@@ -1,0 +1,8 @@
+"""LightningModules: fine-tuning, merged evaluation and test-time adaptation on quantized stores."""
+from .adamerging import AdaMerging, read_coefficients
+from .evaluate import MergedEvaluation
+from .finetune import FineTuneModule
+from .surgery import Surgery
+from .tinting import Tinting
+
+__all__ = ["AdaMerging", "FineTuneModule", "MergedEvaluation", "Surgery", "Tinting", "read_coefficients"]

@@ -1,0 +1,208 @@
+"""AdaMerging (task-wise / layer-wise, optionally ++) on packed task vectors (ALGORITHMS.md §5).
+
+theta = theta_0 + sum_t lambda_t tau_t (task-wise) or theta_k = theta0_k + sum_t lambda_{k,t} tau_{k,t}
+(layer-wise: one coefficient per store key and task). Coefficients start at ``init`` (0.3), are
+clamped to [0, 1] in forward, and minimise sum_t mean Shannon entropy of head_t's softmax on task
+t's unlabelled batch, with Adam (lr 1e-3). Run it as ``Trainer(max_steps=500).fit(module, dm)``
+where ``dm.train_dataloader()`` is a CombinedLoader ``{task: images}``.
+
+Memory: the task vectors stay packed on the device (:class:`~..adapt.packed.PackedTaskVectors`,
+non-persistent buffers); each step merges ONCE (:func:`~..adapt.merge_fn.merged_params`, which
+decodes in forward and again in backward) and reuses the merged weights for every task's forward
+through ``torch.func.functional_call``. The encoder and heads are frozen and kept in eval mode.
+
+DDP: the coefficients are this module's only trainable ``nn.Parameter``, all used every step, so
+DDP all-reduces their gradients without ``find_unused_parameters`` and every rank keeps identical
+coefficients; the packed buffers are listed in ``_ddp_params_and_buffers_to_ignore``, so DDP does
+not re-broadcast them at every forward.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..adapt.merge_fn import base_tensors, merged_params
+from ..adapt.packed import PackedTaskVectors
+from ..errors import FingerprintMismatch, TvqError
+from ..merging.methods.ties import TiesConfig
+from ..models.multitask import MultiTaskModel
+from ..store.reader import TaskVectorStore
+from ._multitask_eval import MultiTaskEvalMixin, prepare_encoder, resolve_heads, softmax_entropy
+
+COEFF_FORMAT = "tvq_lightning.adamerging_coefficients"
+GRANULARITIES = ("task", "layer")
+
+
+@dataclass
+class Coefficients:
+    """A saved coefficient file: the clamped coefficients and what they belong to."""
+
+    values: Tensor           # (T,) task-wise or (K, T) layer-wise
+    tasks: list[str]
+    keys: list[str]
+    granularity: str
+    plus: bool
+    ties_k: float
+    fingerprint: str         # of the pre-trained weights of the store they were learned on
+
+    def check(self, packed: PackedTaskVectors, path: str | Path = "coefficients") -> None:
+        if self.fingerprint != packed.fingerprint:
+            raise FingerprintMismatch(f"{path}: the coefficients were learned on a store of other pre-trained weights "
+                                      f"than store {packed.store_path}")
+        T, K = len(packed.tasks), len(packed.keys)
+        want = (T,) if self.granularity == "task" else (K, T)
+        if tuple(self.values.shape) != want or (self.granularity == "layer" and self.keys != packed.keys):
+            raise TvqError(f"{path}: {self.granularity}-wise coefficients of shape {tuple(self.values.shape)} do not fit "
+                           f"store {packed.store_path} with {T} tasks and {K} keys (expected {want})")
+
+
+def read_coefficients(path: str | Path) -> Coefficients:
+    """Read a file written by :meth:`AdaMerging.save_coefficients`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("tvq", "{}"))
+            values = f.get_tensor("coefficients")
+    except Exception as e:  # noqa: BLE001 - unreadable, not safetensors, missing tensor
+        raise TvqError(f"{path} is not a readable coefficient file ({e}); save one with AdaMerging.save_coefficients") from None
+    if meta.get("format") != COEFF_FORMAT or meta.get("granularity") not in GRANULARITIES:
+        raise TvqError(f"{path} is not an AdaMerging coefficient file of a version this tvq_lightning reads")
+    c = Coefficients(values.float(), list(meta["tasks"]), list(meta["keys"]), meta["granularity"], bool(meta["plus"]),
+                     float(meta["ties_k"]), meta["fingerprint"])
+    T, K = len(c.tasks), len(c.keys)
+    if tuple(values.shape) != ((T,) if c.granularity == "task" else (K, T)):
+        raise TvqError(f"{path}: coefficients of shape {tuple(values.shape)} disagree with its {T} tasks and {K} keys")
+    return c
+
+
+class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
+    """Test-time adaptation of merging coefficients by entropy minimisation.
+
+    Args:
+        encoder: the pre-trained encoder (theta_0; its state dict must match the store's fingerprint,
+            or pass ``pretrained``, which is then loaded into a copy of it).
+        store: the task-vector store (any scheme: fp32, fq, tvq, rtvq).
+        tasks: the tasks to merge, in dataloader order (default: the store's).
+        heads / heads_dir: the per-task heads (dict or ``<task>.safetensors`` files).
+        pretrained: theta_0's checkpoint, if ``encoder`` does not already hold it.
+        granularity: ``"task"`` (lambda_t) or ``"layer"`` (lambda_{k,t} per store key).
+        plus: AdaMerging++: adapt TIES-trimmed (top ``ties_k``), sign-elected task vectors.
+        init, lr, clamp: initial coefficient, Adam learning rate, forward clamp range.
+        coefficients_out: where to save the learned coefficients when ``fit`` ends.
+    """
+
+    def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
+                 heads: dict[str, nn.Module] | None = None, heads_dir: str | None = None, pretrained: str | None = None,
+                 granularity: str = "task", plus: bool = False, ties_k: float = 0.2, init: float = 0.3,
+                 lr: float = 1e-3, clamp: tuple[float, float] = (0.0, 1.0), coefficients_out: str | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder", "heads"])
+        if granularity not in GRANULARITIES:
+            raise TvqError(f"granularity={granularity!r}: choose 'task' (one coefficient per task) or 'layer' (per key and task)")
+        st = TaskVectorStore(store)
+        self.tasks = list(tasks or st.tasks)
+        encoder, pre_sd = prepare_encoder(encoder, pretrained)
+        self.model = MultiTaskModel(encoder, resolve_heads(self.tasks, heads, heads_dir)).requires_grad_(False)
+        self.packed = PackedTaskVectors(st, pre_sd, self.tasks, ties=TiesConfig(k=ties_k) if plus else None)
+        shape = (len(self.tasks),) if granularity == "task" else (len(self.packed.keys), len(self.tasks))
+        self.coefficients = nn.Parameter(torch.full(shape, float(init)))
+        # DDP: the packed codes are identical on every rank; never re-broadcast them.
+        self._ddp_params_and_buffers_to_ignore = self.packed.buffer_names("packed.")
+        self._eval_params: dict[str, Tensor] | None = None
+        self._init_eval()
+
+    # -- the merge ------------------------------------------------------------------------------
+    def lambdas(self) -> Tensor:
+        """The coefficients as used: clamped to ``clamp`` (differentiable)."""
+        lo, hi = self.hparams.clamp
+        return self.coefficients.clamp(lo, hi)
+
+    def merged_params(self) -> dict[str, Tensor]:
+        """The merged encoder weights for the current coefficients (one merge; see merge_fn)."""
+        return merged_params(self.packed, base_tensors(self.model.encoder), self.lambdas())
+
+    def adaptation_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """sum_t mean entropy of head_t's softmax on task t's images, through ONE merge."""
+        params = self.merged_params()
+        loss = None
+        for t in self.tasks:
+            feats = functional_call(self.model.encoder, params, (batch[t],))
+            h = softmax_entropy(self.model.heads[t](feats)).mean()
+            loss = h if loss is None else loss + h
+        return loss
+
+    # -- Lightning ------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen networks: no dropout, BatchNorm uses its running statistics
+        return self
+
+    def setup(self, stage: str) -> None:
+        self._check_eval_data()
+
+    def training_step(self, batch, batch_idx):
+        missing = [t for t in self.tasks if t not in batch]
+        if missing:
+            raise TvqError(f"the training batch has no images for task {missing[0]!r}; fit on the datamodule's "
+                           "CombinedLoader {task: images} (a datamodule without train_task)")
+        loss = self.adaptation_loss(batch)
+        self.log("train/entropy", loss, prog_bar=True, batch_size=next(iter(batch.values())).shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.coefficients_out and self.trainer.is_global_zero:
+            self.save_coefficients(self.hparams.coefficients_out)
+
+    def _features(self, images: Tensor, task_index: int) -> Tensor:
+        if self._eval_params is None:
+            self._prepare_eval()
+        return functional_call(self.model.encoder, self._eval_params, (images,))
+
+    def _prepare_eval(self) -> None:
+        with torch.no_grad():
+            self._eval_params = {k: v.detach() for k, v in self.merged_params().items()}
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_eval()
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+        self._eval_params = None
+
+    # -- coefficient files ----------------------------------------------------------------------
+    def save_coefficients(self, path: str | Path) -> Path:
+        """Write the clamped coefficients (safetensors, metadata in its header) and a JSON twin."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": COEFF_FORMAT, "version": 1, "tasks": self.tasks, "keys": self.packed.keys,
+                "granularity": self.hparams.granularity, "plus": bool(self.hparams.plus),
+                "ties_k": float(self.hparams.ties_k), "fingerprint": self.packed.fingerprint,
+                "store": self.packed.store_path}
+        values = self.lambdas().detach().float().cpu().contiguous()
+        save_file({"coefficients": values}, str(path), metadata={"tvq": json.dumps(meta)})
+        path.with_suffix(".json").write_text(json.dumps({**meta, "coefficients": values.tolist()}, indent=1))
+        return path
+
+    def load_coefficients(self, path: str | Path) -> None:
+        """Set the coefficients from a saved file (same store, tasks, granularity and ++ setting)."""
+        c = read_coefficients(path)
+        if c.tasks != self.tasks or c.granularity != self.hparams.granularity or c.plus != bool(self.hparams.plus):
+            raise TvqError(f"{path}: {c.granularity}-wise{'++' if c.plus else ''} coefficients for tasks {c.tasks} do not fit this "
+                           f"{self.hparams.granularity}-wise{'++' if self.hparams.plus else ''} AdaMerging over {self.tasks}")
+        c.check(self.packed, path)
+        with torch.no_grad():
+            self.coefficients.copy_(c.values.to(self.coefficients.device))

@@ -1,0 +1,243 @@
+"""Model Tinting / Tinting++ (SyMerge) on packed task vectors (ALGORITHMS.md §5).
+
+Layer-wise AdaMerging coefficients (one lambda per store key and task, clamped to [0, 1]) plus ONE
+trainable task-specific layer per task, trained jointly with one Adam (lr 1e-2) on the unlabelled
+test images of every task:
+
+- ``tint="head"`` (default, as the released code): task t's classification head, initialised
+  from the given (zero-shot) head;
+- ``tint="block:<name>"``: the encoder submodule ``<name>`` (e.g. ``blocks.1``, ``ln_post``) gets
+  a per-task additive correction (zero-initialised) on top of its merged weights; heads stay frozen.
+
+Loss (``crosspseudo``): cross-entropy of the merged+tinted logits of task t against the argmax
+pseudo-label y_e of task t's expert (theta_0 + tau_t from the store, dequantized, with task t's
+original head). Expert labels and confidences c_e are fixed per sample: they are computed ONCE,
+without gradients, at ``on_train_start`` (the first hook where the training loaders exist) and
+looked up by sample index (the module turns on the datamodule's ``train_indices``, so each task's
+batch is ``(indices, images)``). Tinting++ (``confidence_sampling=True``, the default) keeps a
+sample if y_e == y_m, or if y_e != y_m and c_e >= c_m (see :func:`~._experts.confidence_keep`);
+the CE is averaged over the kept samples, and the optimizer step is skipped when none is kept.
+
+Steps (manual optimization): ``step_mode="task"`` (default, as the released code) takes one Adam
+step per task per training batch, tasks in a shuffled order, re-merging before each step;
+``"joint"`` merges once and steps once on the sum of the tasks' losses. ``trainer.max_steps``
+counts optimizer steps. Under DDP the kept count is summed over ranks before deciding to skip, so
+every rank steps together; use ``strategy: ddp_find_unused_parameters_true`` with ``"task"``
+(only task t's layer gets a gradient in its step).
+
+The merge, the packed task vectors and the test evaluation are :class:`~.adamerging.AdaMerging`'s
+(test: ``test/acc/<task>``, ``test/acc/avg``); ``heads_out`` saves the tinted heads as
+``<task>.safetensors`` when fitting ends (usable as ``heads_dir`` of MergedEvaluation together
+with ``coefficients_out``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..adapt.merge_fn import base_tensors
+from ..errors import TvqError
+from ..store.reader import TaskVectorStore
+from ._experts import (confidence_keep, expert_outputs, expert_params, indexed_datasets, release_indices,
+                       request_indices, split_batch)
+from .adamerging import AdaMerging
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class Tinting(AdaMerging):
+    """Model Tinting (``confidence_sampling=False``) / Tinting++ (default); see the module docstring.
+
+    Args:
+        encoder, store, tasks, heads, heads_dir, pretrained: as :class:`~.adamerging.AdaMerging`.
+        tint: ``"head"`` or ``"block:<encoder submodule name>"``: the per-task trainable layer.
+        confidence_sampling: Tinting++'s sample selection (False: plain Model Tinting, every sample).
+        granularity: ``"layer"`` (default) or ``"task"`` coefficients.
+        plus: merge TIES-trimmed, sign-elected task vectors (the experts stay the raw ones).
+        init, lr, clamp: initial coefficient, the one Adam's learning rate (1e-2), clamp range.
+        step_mode: ``"task"`` (one step per task, shuffled order) or ``"joint"`` (one step per batch).
+        seed: seeds the task order (identical on every rank).
+        expert_batch_size: batch size of the one-off expert pass.
+        coefficients_out: save the learned coefficients here when fitting ends.
+        heads_out: save the (tinted) heads here (``<task>.safetensors``) when fitting ends.
+    """
+
+    def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
+                 heads: dict[str, nn.Module] | None = None, heads_dir: str | None = None, pretrained: str | None = None,
+                 tint: str = "head", confidence_sampling: bool = True, granularity: str = "layer", plus: bool = False,
+                 ties_k: float = 0.2, init: float = 0.3, lr: float = 1e-2, clamp: tuple[float, float] = (0.0, 1.0),
+                 step_mode: Literal["task", "joint"] = "task", seed: int = 0, expert_batch_size: int = 128,
+                 coefficients_out: str | None = None, heads_out: str | None = None):
+        super().__init__(encoder, store, tasks, heads, heads_dir, pretrained, granularity=granularity, plus=plus,
+                         ties_k=ties_k, init=init, lr=lr, clamp=clamp, coefficients_out=coefficients_out)
+        if step_mode not in ("task", "joint"):
+            raise TvqError(f"step_mode={step_mode!r}: choose 'task' (one step per task) or 'joint' (one step per batch)")
+        self.automatic_optimization = False
+        # the experts' heads: the given ones, frozen; the tinted heads are copies of them
+        self.expert_heads = copy.deepcopy(self.model.heads).requires_grad_(False)
+        self.model.heads = copy.deepcopy(self.model.heads)
+        self.block: str | None = None
+        self.block_keys: list[str] = []
+        self.deltas = nn.ModuleList()
+        if tint == "head":
+            self.model.heads.requires_grad_(True)
+        elif tint.startswith("block:") and tint[6:]:
+            self._init_block(tint[6:])
+        else:
+            raise TvqError(f"tint={tint!r}: choose 'head' or 'block:<encoder submodule>' (e.g. 'block:blocks.1')")
+        self.expert_labels: dict[str, Tensor] = {}
+        self.expert_conf: dict[str, Tensor] = {}
+        self.expert_passes = 0   # how many times the expert targets were computed (once per fit)
+        self._order = torch.Generator().manual_seed(int(seed))
+
+    def _init_block(self, name: str) -> None:
+        enc = self.model.encoder
+        try:
+            sub = enc.get_submodule(name)
+        except AttributeError:
+            subs = [n for n, _ in enc.named_children()]
+            raise TvqError(f"tint='block:{name}': the encoder has no submodule {name!r}; "
+                           f"its children are: {', '.join(subs)}") from None
+        self.block = name
+        self.block_keys = [f"{name}.{p}" for p, _ in sub.named_parameters()]
+        if not self.block_keys:
+            raise TvqError(f"tint='block:{name}': that submodule has no parameters to tint")
+        shapes = dict(enc.named_parameters())
+        self.deltas = nn.ModuleList(nn.ParameterDict({_safe(k): nn.Parameter(torch.zeros_like(shapes[k]))
+                                                      for k in self.block_keys}) for _ in self.tasks)
+
+    # -- the tinted model ---------------------------------------------------------------------------
+    def tint_parameters(self) -> list[nn.Parameter]:
+        """The per-task trainable layers' parameters (heads, or the block corrections)."""
+        return list(self.deltas.parameters()) if self.block else list(self.model.heads.parameters())
+
+    def tinted_params(self, params: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+        """Task ``i``'s encoder weights: the merged ones, plus its block correction (block tint)."""
+        if not self.block:
+            return params
+        base = base_tensors(self.model.encoder)
+        out = dict(params)
+        for k in self.block_keys:
+            out[k] = params.get(k, base[k]) + self.deltas[i][_safe(k)]
+        return out
+
+    def tinted_logits(self, images: Tensor, i: int, params: dict[str, Tensor]) -> Tensor:
+        feats = functional_call(self.model.encoder, self.tinted_params(params, i), (images,))
+        return self.model.heads[self.tasks[i]](feats)
+
+    def _features(self, images: Tensor, task_index: int) -> Tensor:
+        if self._eval_params is None:
+            self._prepare_eval()
+        return functional_call(self.model.encoder, self.tinted_params(self._eval_params, task_index), (images,))
+
+    # -- expert targets (once) ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            request_indices(self.trainer, "Tinting")
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            release_indices(self._trainer)
+
+    def on_train_start(self) -> None:
+        if not self.expert_labels:
+            self.compute_expert_targets()
+
+    @torch.no_grad()
+    def compute_expert_targets(self) -> None:
+        """Expert pseudo-labels and confidences for every training sample of every task (no grad)."""
+        datasets = indexed_datasets(self.trainer, self.tasks)
+        pre = {k: v.detach() for k, v in base_tensors(self.model.encoder).items()}
+        with TaskVectorStore(self.hparams.store) as store:
+            for t in self.tasks:
+                params = expert_params(store, pre, t, self.device)
+                logits = expert_outputs(self.model.encoder, params, datasets[t], self.expert_heads[t], self.device,
+                                        self.hparams.expert_batch_size)
+                self.expert_conf[t], self.expert_labels[t] = logits.softmax(-1).max(-1)
+                del params
+        self.expert_passes += 1
+
+    # -- training ---------------------------------------------------------------------------------------
+    def task_loss(self, batch, i: int, params: dict[str, Tensor]) -> tuple[Tensor, int, int]:
+        """``(loss, kept, seen)``: CE against the expert labels, averaged over the kept samples
+        (``loss`` is a zero that still reaches every parameter when nothing is kept here)."""
+        t = self.tasks[i]
+        idx, images = split_batch(batch, t, "Tinting")
+        logits = self.tinted_logits(images, i, params)
+        idx = idx.to(self.expert_labels[t].device)
+        y_e, c_e = self.expert_labels[t][idx], self.expert_conf[t][idx]
+        if self.hparams.confidence_sampling:
+            c_m, y_m = logits.detach().softmax(-1).max(-1)
+            keep = confidence_keep(c_e, y_e, c_m, y_m)
+        else:
+            keep = torch.ones_like(y_e, dtype=torch.bool)
+        kept = int(keep.sum())
+        loss = F.cross_entropy(logits[keep], y_e[keep]) if kept else logits.sum() * 0.0
+        return loss, kept, int(y_e.numel())
+
+    def _any_kept(self, kept: int) -> bool:
+        total = self.trainer.strategy.reduce(torch.tensor(float(kept), device=self.device), reduce_op="sum")
+        return float(total) > 0
+
+    def _step(self, loss: Tensor) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+    def training_step(self, batch, batch_idx):
+        order = torch.randperm(len(self.tasks), generator=self._order).tolist()
+        losses, kept_all, seen_all, skipped = [], 0, 0, 0
+        if self.hparams.step_mode == "joint":
+            params = self.merged_params()
+            parts = [self.task_loss(batch, i, params) for i in order]
+            total = sum(p[0] for p in parts)
+            kept_all, seen_all = sum(p[1] for p in parts), sum(p[2] for p in parts)
+            losses = [float(p[0].detach()) for p in parts if p[1]]
+            if self._any_kept(kept_all):
+                self._step(total)
+            else:
+                skipped += 1
+        else:
+            for i in order:
+                loss, kept, seen = self.task_loss(batch, i, self.merged_params())   # one merge per step
+                kept_all, seen_all = kept_all + kept, seen_all + seen
+                if self._any_kept(kept):
+                    self._step(loss)
+                    if kept:
+                        losses.append(float(loss.detach()))
+                else:
+                    skipped += 1
+        n = seen_all // max(1, len(self.tasks))
+        if losses:
+            self.log("train/ce", sum(losses) / len(losses), prog_bar=True, batch_size=n)
+        self.log("train/kept", kept_all / max(1, seen_all), prog_bar=True, batch_size=n)
+        self.log("train/skipped_steps", float(skipped), reduce_fx="sum", batch_size=n)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.coefficients, *self.tint_parameters()], lr=self.hparams.lr)
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        if self.hparams.heads_out and self.trainer.is_global_zero:
+            self.save_heads(self.hparams.heads_out)
+
+    def save_heads(self, out_dir: str | Path) -> Path:
+        """Write every task's (tinted) head as ``<out_dir>/<task>.safetensors``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for t in self.tasks:
+            head = self.model.heads[t]
+            if not hasattr(head, "save"):
+                raise TvqError(f"the head of task {t!r} ({type(head).__name__}) cannot be saved; use ClassificationHead")
+            head.save(out / f"{t}.safetensors")
+        return out
