@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .. import __version__  # noqa: E402
 from ..errors import TvqError  # noqa: E402
+from ..runtime import configure_allocator  # noqa: E402
 from . import demo, export, inspect, merge, quantize  # noqa: E402
 
 # The LightningCLI sub-commands (tvq_lightning.cli.lightning, imported only when one runs: importing
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_allocator()  # streaming passes return freed tensors' memory to the OS (see runtime.py)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return run_lightning(argv)
     args = build_parser().parse_args(argv)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -97,12 +98,15 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         plus: AdaMerging++: adapt TIES-trimmed (top ``ties_k``), sign-elected task vectors.
         init, lr, clamp: initial coefficient, Adam learning rate, forward clamp range.
         coefficients_out: where to save the learned coefficients when ``fit`` ends.
+        checkpoint_tasks: keep only one task's activations at a time (recomputed in backward,
+            one more forward per task): activation memory no longer grows with the task count.
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
                  heads: dict[str, nn.Module] | None = None, heads_dir: str | None = None, pretrained: str | None = None,
                  granularity: str = "task", plus: bool = False, ties_k: float = 0.2, init: float = 0.3,
-                 lr: float = 1e-3, clamp: tuple[float, float] = (0.0, 1.0), coefficients_out: str | None = None):
+                 lr: float = 1e-3, clamp: tuple[float, float] = (0.0, 1.0), coefficients_out: str | None = None,
+                 checkpoint_tasks: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "heads"])
         if granularity not in GRANULARITIES:
@@ -134,10 +138,18 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         params = self.merged_params()
         loss = None
         for t in self.tasks:
-            feats = functional_call(self.model.encoder, params, (batch[t],))
-            h = softmax_entropy(self.model.heads[t](feats)).mean()
+            h = self._task_entropy(params, t, batch[t])
             loss = h if loss is None else loss + h
         return loss
+
+    def _task_entropy(self, params: dict[str, Tensor], task: str, images: Tensor) -> Tensor:
+        def run(x: Tensor) -> Tensor:
+            return softmax_entropy(self.model.heads[task](functional_call(self.model.encoder, params, (x,)))).mean()
+
+        if self.hparams.checkpoint_tasks and torch.is_grad_enabled():
+            # activations of one task at a time: recomputed in backward (one more forward per task)
+            return torch.utils.checkpoint.checkpoint(run, images, use_reentrant=False)
+        return run(images)
 
     # -- Lightning ------------------------------------------------------------------------------
     def train(self, mode: bool = True):
