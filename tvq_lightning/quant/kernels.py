@@ -87,6 +87,41 @@ if numba is not None:
             q = np.rint(x[i] * sb + zb)
             codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
 
+    @njit(cache=True, inline="always")
+    def _code(v, sb, zb, levels):  # pragma: no cover - compiled
+        return np.uint8(min(max(np.rint(v * sb + zb), np.float32(0.0)), levels))
+
+    @njit(cache=True, nogil=True)
+    def _qpack_tensor_nb(x, sb, zb, levels, bits, out):  # pragma: no cover - compiled
+        # per tensor, bits in (1, 2, 4, 8): quantize and pack in one loop per output byte
+        n = x.size
+        per = 8 // bits
+        full = n // per
+        if bits == 8:
+            for o in range(n):
+                out[o] = _code(x[o], sb, zb, levels)
+        elif bits == 4:
+            for o in range(full):
+                i = 2 * o
+                out[o] = _code(x[i], sb, zb, levels) | (_code(x[i + 1], sb, zb, levels) << np.uint8(4))
+        elif bits == 2:
+            for o in range(full):
+                i = 4 * o
+                out[o] = (_code(x[i], sb, zb, levels) | (_code(x[i + 1], sb, zb, levels) << np.uint8(2))
+                          | (_code(x[i + 2], sb, zb, levels) << np.uint8(4)) | (_code(x[i + 3], sb, zb, levels) << np.uint8(6)))
+        else:
+            for o in range(full):
+                i = 8 * o
+                acc = np.uint8(0)
+                for j in range(8):
+                    acc |= _code(x[i + j], sb, zb, levels) << np.uint8(j)
+                out[o] = acc
+        if bits != 8 and full * per < n:  # the last, partial byte
+            acc = np.uint8(0)
+            for j in range(n - full * per):
+                acc |= _code(x[full * per + j], sb, zb, levels) << np.uint8(j * bits)
+            out[full] = acc
+
     @njit(cache=True, nogil=True)
     def _quantize_blocks_nb(x, s, z, width, levels, codes):  # pragma: no cover - compiled
         n = x.size
@@ -254,8 +289,11 @@ def quantize_pack(x: Tensor, s: Tensor, z: Tensor, bits: int, out: Tensor) -> bo
         return False
     n = x.numel()
     width = max(1, n // max(1, s.numel()))
-    codes, words = _scratch_codes(n)
     levels = np.float32((1 << bits) - 1)
+    if s.numel() == 1 and bits in (1, 2, 4, 8):  # the common case: one fused pass, no codes buffer
+        _qpack_tensor_nb(x.reshape(-1).numpy(), np.float32(s.item()), np.float32(z.item()), levels, bits, out.numpy())
+        return True
+    codes, words = _scratch_codes(n)
     if s.numel() == 1:
         _quantize_tensor_nb(x.reshape(-1).numpy(), np.float32(s.item()), np.float32(z.item()), levels, codes)
     else:
