@@ -11,7 +11,7 @@ from tvq_lightning.errors import TvqError
 from tvq_lightning.quant.config import QuantSpec
 from tvq_lightning.quant.policy import is_quantized
 from tvq_lightning.quant.qtensor import QTensor
-from tvq_lightning.store import TaskVectorStore, load_state_dict, quantize_to_store
+from tvq_lightning.store import TaskVectorStore, load_state_dict
 from tvq_lightning.testing import save_safetensors
 
 

@@ -12,20 +12,12 @@ from pathlib import Path
 import torch
 
 import _adapt_setup as A
-from tvq_lightning.modules._multitask_eval import unpadded_eval_loader
 from tvq_lightning.modules.adamerging import AdaMerging
 from tvq_lightning.modules.evaluate import MergedEvaluation
 
 EVAL_DM = dict(tasks=A.TASKS, num_classes=A.NUM_CLASSES, test_size=45, eval_batch_size=8, train_size=8, val_size=8)
 ADA_DM = dict(test_size=16, batch_size=8)     # per rank; the 1-process reference uses 16
 STEPS = 4
-
-
-class EvalTasks(A.ToyTasks):
-    """Toy tasks whose test loaders shard without padding under DDP."""
-
-    def test_dataloader(self):
-        return [unpadded_eval_loader(dl) for dl in super().test_dataloader()]
 
 
 def evaluation(setup) -> MergedEvaluation:
@@ -42,7 +34,7 @@ def main(root: str, out: str) -> None:
     setup = A.build(root)
     trainer = A.trainer(devices=2, strategy="ddp")
     module = evaluation(setup)
-    trainer.test(module, datamodule=EvalTasks(**EVAL_DM), verbose=False)
+    trainer.test(module, datamodule=A.ToyTasks(**EVAL_DM), verbose=False)  # test sets shard without padding
     result = {"results": module.results, "sample_counts": module.sample_counts,
               "local_sample_counts": module.local_sample_counts}
     trainer = A.trainer(devices=2, strategy="ddp", max_steps=STEPS)

@@ -140,7 +140,7 @@ def test_ddp_evaluation_counts_every_sample_once(setup, ddp_ranks):
     import _ddp_adapt_script as S
 
     ref = S.evaluation(setup)
-    A.trainer().test(ref, datamodule=S.EvalTasks(**S.EVAL_DM), verbose=False)
+    A.trainer().test(ref, datamodule=A.ToyTasks(**S.EVAL_DM), verbose=False)
     n = S.EVAL_DM["test_size"]
     for r in ranks:
         assert r["world"] == 2

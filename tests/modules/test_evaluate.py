@@ -11,7 +11,6 @@ import _adapt_setup as A
 from tvq_lightning.errors import FingerprintMismatch, TvqError
 from tvq_lightning.merging import plan_merge, write_merged, write_per_task
 from tvq_lightning.merging.output import export_task_model
-from tvq_lightning.models.heads import ClassificationHead
 from tvq_lightning.modules.evaluate import MergedEvaluation
 from tvq_lightning.store import StoreConfig, quantize_to_store
 from tvq_lightning.testing import synthetic_finetunes, tiny_pretrained

@@ -2,8 +2,6 @@
 modules train, the L1 gap to the experts shrinks and accuracy improves on ToyTasks."""
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -15,16 +13,11 @@ from tvq_lightning.modules.adamerging import AdaMerging
 from tvq_lightning.modules.evaluate import MergedEvaluation
 from tvq_lightning.modules.surgery import Surgery, SurgeryAdapter
 from tvq_lightning.store import TaskVectorStore, load_state_dict
-from tvq_lightning.testing import TinyEncoder, make_tta_assets
+from tvq_lightning.testing import TinyEncoder
 
-TASKS = ["a", "b"]
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+from _adapt_setup import trainer  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tta_assets(tmp_path_factory.getbasetemp() / "tta-assets", tuple(TASKS), steps=40, reuse=True)
+TASKS = ["a", "b"]  # the tasks of the shared ``assets`` fixture (conftest.py)
 
 
 def _dm(**kw) -> ToyTasks:
@@ -36,8 +29,7 @@ def _kw(assets) -> dict:
 
 
 def _trainer(**kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw)
+    return trainer(**kw, limit_val_batches=0)
 
 
 def test_adapter_starts_as_identity():

@@ -2,8 +2,6 @@
 and a short run beating task arithmetic on ToyTasks."""
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -17,16 +15,11 @@ from tvq_lightning.modules._experts import confidence_keep
 from tvq_lightning.modules.evaluate import MergedEvaluation
 from tvq_lightning.modules.tinting import Tinting
 from tvq_lightning.store import TaskVectorStore, load_state_dict
-from tvq_lightning.testing import TinyEncoder, make_tta_assets
+from tvq_lightning.testing import TinyEncoder
 
-TASKS = ["a", "b"]
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+from _adapt_setup import trainer  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tta_assets(tmp_path_factory.getbasetemp() / "tta-assets", tuple(TASKS), steps=40, reuse=True)
+TASKS = ["a", "b"]  # the tasks of the shared ``assets`` fixture (conftest.py)
 
 
 def _dm(**kw) -> ToyTasks:
@@ -39,8 +32,7 @@ def _tinting(assets, **kw) -> Tinting:
 
 
 def _trainer(**kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, **kw)
+    return trainer(**kw)
 
 
 # (c_e, y_e, c_m, y_m) -> kept?

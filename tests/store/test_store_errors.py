@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,15 +19,13 @@ from tvq_lightning.errors import (
     StoreError,
     TvqError,
 )
-from tvq_lightning.quant.qtensor import QTensor
-from tvq_lightning.quant.schemes import rtvq_quantize
-from tvq_lightning.store import LazyStateDict, StoreConfig, TaskVectorStore, quantize_to_store
+from tvq_lightning.store import StoreConfig, TaskVectorStore, quantize_to_store
 from tvq_lightning.store import writer as writer_mod
-from tvq_lightning.store.checkpoints import load_state_dict, open_checkpoint, read_safetensors_header
+from tvq_lightning.store.checkpoints import load_state_dict
 from tvq_lightning.store.export import export_task
-from tvq_lightning.store.summary import bits_per_param, summarize
+from tvq_lightning.store.summary import bits_per_param
 
-from _store_helpers import CONFIGS, assert_no_error_residue, build, full_precision_keys, quantized_keys, reference  # noqa: E402,F401
+from _store_helpers import CONFIGS, assert_no_error_residue, build, reference  # noqa: E402
 
 
 # --------------------------------------------------------------------------- errors

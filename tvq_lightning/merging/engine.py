@@ -8,7 +8,7 @@ the next key. Methods with global statistics get their own streaming passes firs
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -5,10 +5,10 @@ task index. Each task has its own ``MulticlassAccuracy(average="micro")`` plus a
 sample counter; both keep torchmetrics states that are all-reduced on ``compute()``, so under DDP
 the accuracy is over exactly the samples every rank saw — provided no sample is seen twice.
 Lightning's default ``DistributedSampler`` pads a dataset whose size is not a multiple of the
-world size by repeating samples; :class:`UnpaddedDistributedSampler` (rank r gets indices
-r, r + W, ...) avoids that, and because it *is* a ``DistributedSampler`` Lightning leaves it in
-place. :func:`unpadded_eval_loader` rebuilds a loader with it; the epoch end warns when the global
-sample count differs from the dataset size.
+world size by repeating samples; the data modules' evaluation loaders use
+:class:`~tvq_lightning.data.sampling.UnpaddedDistributedSampler` (rank r gets indices r, r + W, ...),
+which Lightning leaves in place; the epoch end warns when the global sample count differs from the
+dataset size.
 """
 from __future__ import annotations
 
@@ -17,14 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..data.sampling import UnpaddedDistributedSampler, unpadded_eval_loader  # noqa: F401  (re-exported)
 from ..errors import TvqError
 from ..models.heads import ClassificationHead
 from ..store.checkpoints import load_state_dict

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from ..errors import StoreError
 from .io import SafetensorsStreamWriter, check_output, header_upper_bound
