@@ -8,7 +8,10 @@ minimal wrapper, see merge.py); the step time is the best of ``--steps`` optimiz
 warm-up step. The task vectors stay packed on the device and are dequantized inside the merge,
 so the INT4 run holds packed codes where the fp32 run holds 8 fp32 copies. Memory is reported as
 the peak RSS during the adaptation steps (the kernel's peak counter is reset after set-up, which
-builds a whole open_clip model and copies the encoder) and as the whole process's peak.
+builds a whole open_clip model and copies the encoder) and as the whole process's peak. Like
+``tvq fit``, whose CLI entry point does so for every command, the worker first fixes glibc's mmap
+threshold (:func:`tvq_lightning.runtime.configure_allocator`), so that the memory of freed
+block-sized tensors goes back to the OS instead of lingering in the heap arenas.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from tvq_lightning.store import StoreConfig  # noqa: E402
 
 
 def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
+    from tvq_lightning.runtime import configure_allocator
+
+    configure_allocator()  # as the CLI (tvq fit) does at start, before the model is built
     import open_clip
     import torch
 
@@ -46,6 +52,7 @@ def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
 
     gc.collect()
     reset_peak()  # from here on: the adaptation's own peak (model set-up transients excluded)
+    start_rss = current_rss()
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -54,7 +61,8 @@ def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
         opt.step()
         times.append(time.perf_counter() - t0)
     Path(out).write_text(json.dumps({"step_s": min(times[1:]), "packed_bytes": module.packed.nbytes(),
-                                     "adapt_peak_rss": peak_rss()}))
+                                     "adapt_peak_rss": peak_rss(),
+                                     "start_rss": start_rss}))
 
 
 def reset_peak() -> None:
@@ -63,12 +71,22 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def peak_rss() -> int:
-    """Peak RSS (VmHWM) since the last :func:`reset_peak`, in bytes."""
+def _status(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss() -> int:
+    """Peak RSS (VmHWM) since the last :func:`reset_peak`, in bytes."""
+    return _status("VmHWM")
+
+
+def current_rss() -> int:
+    """Current RSS (VmRSS), in bytes."""
+    return _status("VmRSS")
 
 
 def main(argv=None) -> int:
@@ -94,7 +112,8 @@ def main(argv=None) -> int:
         rows[scheme] = {**json.loads(res.read_text()), "peak_rss": rss, "wall_s": wall}
         r = rows[scheme]
         print(f"{scheme:>5}: step {r['step_s']:.2f} s, peak RSS during adaptation {r['adapt_peak_rss'] / 2**20:.0f} MiB "
-              f"(process peak incl. model set-up {rss / 2**20:.0f} MiB), packed task vectors "
+              f"(RSS when it starts {r['start_rss'] / 2**20:.0f} MiB; process peak incl. model set-up {rss / 2**20:.0f} MiB), "
+              f"packed task vectors "
               f"{r['packed_bytes'] / 2**20:.0f} MiB", flush=True)
     f, q = rows["fp32"], rows["tvq4"]
     table = "\n".join([

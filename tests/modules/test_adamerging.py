@@ -50,6 +50,22 @@ def test_quantized_step_equals_fp32_step_on_dequantized(setup, tmp_path, scheme,
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("granularity,plus", [("task", False), ("layer", True)])
+def test_streamed_step_equals_one_merge_step(setup, granularity, plus):
+    """checkpoint_tasks=True (one pass over all tasks, merged block by block) gives the loss and the
+    coefficient gradients of checkpoint_tasks=False (one whole merge, one forward per task)."""
+    out = []
+    for streamed in (True, False):
+        m = AdaMerging(setup.encoder(), str(setup.stores["rtvq"]), heads=setup.heads, granularity=granularity,
+                       plus=plus, checkpoint_tasks=streamed)
+        loss = m.adaptation_loss(_batch())
+        loss.backward()
+        out.append((loss.detach(), m.coefficients.grad.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+    assert bool(out[0][1].ne(0).any())
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("granularity,plus", [("task", False), ("layer", False), ("task", True), ("layer", True)])
 def test_adaptation_lowers_entropy_and_moves_coefficients(setup, granularity, plus):
     """(c) a few Adam steps on the CombinedLoader lower the summed entropy."""

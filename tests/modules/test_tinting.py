@@ -1,6 +1,11 @@
 """Model Tinting / Tinting++: the confidence rule, expert pseudo-labels cached once, skipped steps,
-and a short run beating task arithmetic on ToyTasks."""
+a short run beating task arithmetic on ToyTasks, and identical ranks under 2-process DDP."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -171,3 +176,24 @@ def test_bad_tint_options(assets):
         _tinting(assets, tint="layer")
     with pytest.raises(TvqError, match="unset data.train_task"):
         _trainer(max_steps=1).fit(_tinting(assets), _dm(train_task="a"))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_identical(assets, tmp_path):
+    """2-process gloo DDP: after a few steps the coefficients and the tinted layer (per-task heads with
+    one step per task; a block correction with joint steps) are identical on both ranks."""
+    script = Path(__file__).with_name("_ddp_tinting_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(assets["store"].parent), str(tmp_path)], capture_output=True,
+                          text=True, timeout=150, cwd=script.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    for run in ("head", "block"):
+        r0, r1 = ranks[0][run], ranks[1][run]
+        assert r0["steps"] == r1["steps"] == 4
+        c0 = torch.tensor(r0["coefficients"])
+        assert torch.equal(c0, torch.tensor(r1["coefficients"]))
+        assert not torch.allclose(c0, torch.full_like(c0, 0.3))                  # the coefficients moved
+        assert len(r0["tinted"]) == len(r1["tinted"]) > 0
+        assert all(torch.equal(torch.tensor(a), torch.tensor(b)) for a, b in zip(r0["tinted"], r1["tinted"]))
+    assert any(any(v != 0 for v in p) for p in ranks[0]["block"]["tinted"])      # the block correction trained

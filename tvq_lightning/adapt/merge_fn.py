@@ -16,7 +16,8 @@ backward passes of the network.
 
 :func:`merged_params` builds the merged weights of every store key once per optimizer step, for
 ``torch.func.functional_call(encoder, params, (images,))`` — one merge shared by every task's
-forward in that step.
+forward in that step. :class:`~.streamed.StreamedEncoder` instead applies ``MergeKey`` block by
+block inside the forward, so that the merged weights and their gradients are never all alive.
 """
 from __future__ import annotations
 

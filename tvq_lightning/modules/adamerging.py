@@ -7,9 +7,17 @@ t's unlabelled batch, with Adam (lr 1e-3). Run it as ``Trainer(max_steps=500).fi
 where ``dm.train_dataloader()`` is a CombinedLoader ``{task: images}``.
 
 Memory: the task vectors stay packed on the device (:class:`~..adapt.packed.PackedTaskVectors`,
-non-persistent buffers); each step merges ONCE (:func:`~..adapt.merge_fn.merged_params`, which
-decodes in forward and again in backward) and reuses the merged weights for every task's forward
-through ``torch.func.functional_call``. The encoder and heads are frozen and kept in eval mode.
+non-persistent buffers). With ``checkpoint_tasks=True`` (the default) every task's images go
+through the encoder in ONE pass (concatenated: the frozen eval-mode encoder treats samples
+independently) whose weights are merged block by block inside the forward
+(:class:`~..adapt.streamed.StreamedEncoder`): each block's merged weights exist only while it runs
+and are rebuilt, with its activations, in backward, where each weight gradient becomes a
+coefficient gradient at once. Besides theta_0 and the packed codes the step then holds one
+block's weights and activations plus each block's input. ``checkpoint_tasks=False`` merges the
+whole encoder once per step (:func:`~..adapt.merge_fn.merged_params`) and keeps every task's
+activations: faster, but two more fp32 copies of the model (the merged weights and their
+gradients) and all activations. Either way the merge decodes in forward and again in backward
+and is shared by every task of the step. The encoder and heads are frozen and in eval mode.
 
 DDP: the coefficients are this module's only trainable ``nn.Parameter``, all used every step, so
 DDP all-reduces their gradients without ``find_unused_parameters`` and every rank keeps identical
@@ -24,7 +32,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -32,6 +39,7 @@ from torch.func import functional_call
 
 from ..adapt.merge_fn import base_tensors, merged_params
 from ..adapt.packed import PackedTaskVectors
+from ..adapt.streamed import StreamedEncoder
 from ..errors import FingerprintMismatch, TvqError
 from ..merging.methods.ties import TiesConfig
 from ..models.multitask import MultiTaskModel
@@ -98,8 +106,9 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         plus: AdaMerging++: adapt TIES-trimmed (top ``ties_k``), sign-elected task vectors.
         init, lr, clamp: initial coefficient, Adam learning rate, forward clamp range.
         coefficients_out: where to save the learned coefficients when ``fit`` ends.
-        checkpoint_tasks: keep only one task's activations at a time (recomputed in backward,
-            one more forward per task): activation memory no longer grows with the task count.
+        checkpoint_tasks: merge block by block inside one forward over every task's images and
+            recompute each block in backward (one more forward and one more decode per step):
+            no full set of merged weights, weight gradients or activations is ever held.
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
@@ -135,21 +144,24 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
 
     def adaptation_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """sum_t mean entropy of head_t's softmax on task t's images, through ONE merge."""
-        params = self.merged_params()
+        feats = self.task_features([batch[t] for t in self.tasks])
         loss = None
-        for t in self.tasks:
-            h = self._task_entropy(params, t, batch[t])
+        for t, f in zip(self.tasks, feats):
+            h = softmax_entropy(self.model.heads[t](f)).mean()
             loss = h if loss is None else loss + h
         return loss
 
-    def _task_entropy(self, params: dict[str, Tensor], task: str, images: Tensor) -> Tensor:
-        def run(x: Tensor) -> Tensor:
-            return softmax_entropy(self.model.heads[task](functional_call(self.model.encoder, params, (x,)))).mean()
-
-        if self.hparams.checkpoint_tasks and torch.is_grad_enabled():
-            # activations of one task at a time: recomputed in backward (one more forward per task)
-            return torch.utils.checkpoint.checkpoint(run, images, use_reentrant=False)
-        return run(images)
+    def task_features(self, images: list[Tensor]) -> list[Tensor]:
+        """The merged encoder's features of each task's images (in task order), for the current
+        coefficients; see ``checkpoint_tasks`` for how the merge is built."""
+        encoder = self.model.encoder
+        if not self.hparams.checkpoint_tasks:
+            params = self.merged_params()
+            return [functional_call(encoder, params, (x,)) for x in images]
+        streamed, lam = StreamedEncoder(encoder, self.packed), self.lambdas()
+        if len({(x.shape[1:], x.dtype, x.device) for x in images}) > 1:   # cannot share one batch
+            return [streamed(lam, x) for x in images]
+        return list(streamed(lam, torch.cat(images)).split([len(x) for x in images]))
 
     # -- Lightning ------------------------------------------------------------------------------
     def train(self, mode: bool = True):
