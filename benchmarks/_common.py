@@ -47,10 +47,12 @@ def warm_page_cache(paths) -> None:
                 pass
 
 
-def timed(fn, repeat: int = 3) -> tuple[float, object]:
-    """Best wall time of ``repeat`` runs (and the last result)."""
+def timed(fn, repeat: int = 3, setup=None) -> tuple[float, object]:
+    """Best wall time of ``repeat`` runs (and the last result); ``setup()`` runs untimed before each."""
     best, res = float("inf"), None
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         res = fn()
         best = min(best, time.perf_counter() - t0)

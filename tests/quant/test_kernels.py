@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,3 +218,29 @@ def test_empty_tensors(bits, torch_path):
             assert qn.packed.numel() == qt.packed.numel() == 0
             assert torch.equal(qn.zero_point, qt.zero_point) and torch.equal(qn.scale, qt.scale)
             assert qn.dequantize().shape == dt.shape == x.shape, (spec, shape)
+
+
+# ------------------------------------------------------------------- range_of / qpack_range (store.fused)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_ranges_of_a_difference_match_the_whole_tensor(bits):
+    """Range and packed codes of ``a - b`` taken piecewise (cuts at multiples of 8) equal the whole."""
+    for n in (1, 7, 8, 9, 17, 64, 1001, 4099):
+        a, b = torch.randn(n), torch.randn(n)
+        diff = a - b
+        an, bn = a.numpy(), b.numpy()
+        cuts = sorted({0, n, *(c for c in (8, 16, n // 2 // 8 * 8, n // 8 * 8) if c < n)})
+        pieces = [kernels.range_of(an, bn, c0, c1) for c0, c1 in zip(cuts[:-1], cuts[1:])]
+        lo, hi = min(p[0] for p in pieces), max(p[1] for p in pieces)
+        assert (lo, hi) == (float(diff.min()), float(diff.max())) and all(p[2] for p in pieces)
+        assert kernels.range_of(an, None, 0, n)[:2] == (float(a.min()), float(a.max()))
+        s, z, _ = affine_params(diff.min().view(1), diff.max().view(1), QuantSpec(bits))
+        whole = torch.empty(math.ceil(n * bits / 8), dtype=torch.uint8)
+        assert kernels.quantize_pack(diff, s, z, bits, whole)
+        buf = np.empty(n, np.uint8)
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            nb = kernels.qpack_range(an, bn, c0, c1, s.item(), z.item(), bits, buf)
+            assert torch.equal(torch.from_numpy(buf[:nb]), whole[c0 * bits // 8:c0 * bits // 8 + nb]), (n, c0)
+    a[3] = float("nan")
+    assert not kernels.range_of(a.numpy(), b.numpy(), 0, n)[2]

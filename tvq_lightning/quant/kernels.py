@@ -27,7 +27,8 @@ from torch import Tensor
 
 try:  # numba is a hard dependency, but keep the package importable without it
     import numba
-    from numba import njit
+    from numba import njit, types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
@@ -43,20 +44,54 @@ def _usable(*ts: Tensor) -> bool:
     )
 
 
+_QBLOCK = 512  # codes per block of the packing loop (a multiple of 8; stays in L1)
+
 if numba is not None:
 
+    @intrinsic
+    def _f32_bits(typingctx, x):  # pragma: no cover - compiled
+        """The bit pattern of a float32 as an int32."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.int32))
+        return types.int32(types.float32), codegen
+
+    @intrinsic
+    def _bits_f32(typingctx, x):  # pragma: no cover - compiled
+        """The float32 of an int32 bit pattern."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.int32), codegen
+
+    @njit(cache=True, inline="always")
+    def _order(k):  # pragma: no cover - compiled
+        # float32 bits <-> an int32 ordered like the floats (-0.0 < +0.0); its own inverse
+        return np.int32(k ^ np.int32(np.int32(k >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+    @njit(cache=True, inline="always")
+    def _diff(x, y, b, i):  # pragma: no cover - compiled
+        # x[i] - y[i], or x[i] when b is None (numba prunes the branch at compile time)
+        return x[i] - y[i] if b is not None else x[i]
+
     @njit(cache=True, nogil=True)
-    def _sub_minmax_nb(a, b, out, has_b):  # pragma: no cover - compiled
-        lo = np.float32(np.inf)
-        hi = np.float32(-np.inf)
-        acc = np.float32(0.0)
-        for i in range(a.size):
-            v = a[i] - b[i] if has_b else a[i]
-            out[i] = v
-            lo = min(lo, v)
-            hi = max(hi, v)
-            acc += v * np.float32(0.0)  # NaN / Inf propagate, finite values add nothing
-        return lo, hi, np.isfinite(acc)
+    def _sub_minmax_nb(a, b, out, start, end):  # pragma: no cover - compiled
+        # over [start, end): v = a - b (a when b is None), stored in out unless None; min, max
+        # and finiteness as integer reductions (order keys, max exponent), which LLVM vectorises
+        # (a float min / max / sum reduction it may not reorder, so it would run serially)
+        x = a[start:end]
+        y = x if b is None else b[start:end]
+        o = x if out is None else out[start:end]
+        lo = np.int32(0x7FFFFFFF)
+        hi = np.int32(-0x80000000)
+        ex = np.int32(0)
+        for i in range(x.size):
+            v = _diff(x, y, b, i)
+            if out is not None:
+                o[i] = v
+            k = _f32_bits(v)
+            lo = np.int32(min(lo, _order(k)))
+            hi = np.int32(max(hi, _order(k)))
+            ex = np.int32(max(ex, np.int32(k & np.int32(0x7F800000))))
+        return _bits_f32(_order(lo)), _bits_f32(_order(hi)), ex != np.int32(0x7F800000)
 
     @njit(cache=True, inline="always")
     def _compress(w, bits):  # pragma: no cover - compiled
@@ -80,47 +115,50 @@ if numba is not None:
         w = (w & m1) | ((w & (m1 << np.uint64(bits))) << np.uint64(8 - bits))
         return w
 
-    @njit(cache=True, nogil=True)
-    def _quantize_tensor_nb(x, sb, zb, levels, codes):  # pragma: no cover - compiled
-        # per tensor: one flat loop, which LLVM vectorises
-        for i in range(x.size):
-            q = np.rint(x[i] * sb + zb)
-            codes[i] = np.uint8(min(max(q, np.float32(0.0)), levels))
-
     @njit(cache=True, inline="always")
     def _code(v, sb, zb, levels):  # pragma: no cover - compiled
         return np.uint8(min(max(np.rint(v * sb + zb), np.float32(0.0)), levels))
 
+    @njit(cache=True, inline="always")
+    def _xcode(x, y, b, i, sb, zb, levels):  # pragma: no cover - compiled
+        return _code(_diff(x, y, b, i), sb, zb, levels)
+
     @njit(cache=True, nogil=True)
-    def _qpack_tensor_nb(x, sb, zb, levels, bits, out):  # pragma: no cover - compiled
-        # per tensor, bits in (1, 2, 4, 8): quantize and pack in one loop per output byte
+    def _qpack_nb(a, b, start, end, sb, zb, levels, bits, out):  # pragma: no cover - compiled
+        # per tensor: codes of x[start:end] (x = a - b, or a when b is None) quantized and packed
+        # in one loop into out[0:]; start is a multiple of 8, so the bytes are those of the whole
+        # tensor. Loops index views from 0 so that LLVM can vectorise them.
+        x = a[start:end]
+        y = x if b is None else b[start:end]
         n = x.size
-        per = 8 // bits
-        full = n // per
+        main = n // 8 * 8
         if bits == 8:
-            for o in range(n):
-                out[o] = _code(x[o], sb, zb, levels)
+            for o in range(main):
+                out[o] = _xcode(x, y, b, o, sb, zb, levels)
         elif bits == 4:
-            for o in range(full):
+            for o in range(main // 2):
                 i = 2 * o
-                out[o] = _code(x[i], sb, zb, levels) | (_code(x[i + 1], sb, zb, levels) << np.uint8(4))
-        elif bits == 2:
-            for o in range(full):
-                i = 4 * o
-                out[o] = (_code(x[i], sb, zb, levels) | (_code(x[i + 1], sb, zb, levels) << np.uint8(2))
-                          | (_code(x[i + 2], sb, zb, levels) << np.uint8(4)) | (_code(x[i + 3], sb, zb, levels) << np.uint8(6)))
-        else:
-            for o in range(full):
-                i = 8 * o
-                acc = np.uint8(0)
-                for j in range(8):
-                    acc |= _code(x[i + j], sb, zb, levels) << np.uint8(j)
-                out[o] = acc
-        if bits != 8 and full * per < n:  # the last, partial byte
-            acc = np.uint8(0)
-            for j in range(n - full * per):
-                acc |= _code(x[full * per + j], sb, zb, levels) << np.uint8(j * bits)
-            out[full] = acc
+                out[o] = _xcode(x, y, b, i, sb, zb, levels) | (_xcode(x, y, b, i + 1, sb, zb, levels) << np.uint8(4))
+        else:  # 1, 2, 3, 5, 6, 7 bits: codes of a block into a buffer, then 8 codes (a word) -> ``bits`` bytes
+            codes = np.empty(_QBLOCK, np.uint8)
+            words = codes.view(np.uint64)
+            for blk in range(0, main, _QBLOCK):
+                m = min(_QBLOCK, main - blk)
+                for j in range(m):
+                    codes[j] = _xcode(x, y, b, blk + j, sb, zb, levels)
+                base = blk * bits // 8
+                for g in range(m // 8):
+                    w = _compress(words[g], bits)
+                    for k in range(bits):
+                        out[base + g * bits + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(0xFF))
+        if main < n:  # the last, partial group of 8 codes: ceil(rest * bits / 8) bytes
+            w = np.uint64(0)
+            for j in range(n - main):
+                w |= np.uint64(_xcode(x, y, b, main + j, sb, zb, levels)) << np.uint64(8 * j)
+            w = _compress(w, bits)
+            base = main * bits // 8
+            for k in range(((n - main) * bits + 7) // 8):
+                out[base + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(0xFF))
 
     @njit(cache=True, nogil=True)
     def _quantize_blocks_nb(x, s, z, width, levels, codes):  # pragma: no cover - compiled
@@ -265,8 +303,8 @@ def sub_minmax(a: Tensor, b: Tensor | None, out: Tensor | None = None) -> tuple[
         out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     if a32.numel() and _usable(a32, out) and (b32 is None or _usable(b32)):
         an = a32.reshape(-1).numpy()
-        bn = an if b32 is None else b32.reshape(-1).numpy()
-        lo, hi, finite = _sub_minmax_nb(an, bn, out.view(-1).numpy(), b32 is not None)
+        bn = None if b32 is None else b32.reshape(-1).numpy()
+        lo, hi, finite = _sub_minmax_nb(an, bn, out.view(-1).numpy(), 0, an.size)
         return out, float(lo), float(hi), bool(finite)
     if b32 is None:
         out.copy_(a32)
@@ -290,18 +328,50 @@ def quantize_pack(x: Tensor, s: Tensor, z: Tensor, bits: int, out: Tensor) -> bo
     n = x.numel()
     width = max(1, n // max(1, s.numel()))
     levels = np.float32((1 << bits) - 1)
-    if s.numel() == 1 and bits in (1, 2, 4, 8):  # the common case: one fused pass, no codes buffer
-        _qpack_tensor_nb(x.reshape(-1).numpy(), np.float32(s.item()), np.float32(z.item()), levels, bits, out.numpy())
+    if s.numel() == 1:  # the common case: one fused pass, no codes buffer
+        xn = x.reshape(-1).numpy()
+        _qpack_nb(xn, None, 0, n, np.float32(s.item()), np.float32(z.item()), levels, bits, out.numpy())
         return True
     codes, words = _scratch_codes(n)
-    if s.numel() == 1:
-        _quantize_tensor_nb(x.reshape(-1).numpy(), np.float32(s.item()), np.float32(z.item()), levels, codes)
-    else:
-        _quantize_blocks_nb(x.reshape(-1).numpy(), s.float().contiguous().numpy(),
-                            z.float().contiguous().numpy(), width, levels, codes)
+    _quantize_blocks_nb(x.reshape(-1).numpy(), s.float().contiguous().numpy(), z.float().contiguous().numpy(),
+                        width, levels, codes)
     codes[n:] = 0
     _pack_nb(codes, words, n, bits, out.numpy())
     return True
+
+
+def range_of(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> tuple[float, float, bool]:
+    """Min, max and finiteness of ``(a - b)[start:end]`` (or of ``a``) for flat float32 arrays.
+
+    Nothing is stored: with :func:`qpack_range` the difference is formed twice, in cache-sized
+    ranges, instead of being written to memory and read back (see ``store.fused``). Needs numba.
+    """
+    _check_range(a, b, start, end)
+    lo, hi, finite = _sub_minmax_nb(a, b, None, start, end)
+    return float(lo), float(hi), bool(finite)
+
+
+def _check_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> None:
+    """The compiled loops do not check bounds: a bad range would read outside the arrays."""
+    if not (0 <= start <= end <= a.size and (b is None or b.size >= end)):
+        raise IndexError(f"range [{start}, {end}) outside arrays of {a.size} / {None if b is None else b.size} elements")
+
+
+def qpack_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int, s: float, z: float, bits: int,
+                out: np.ndarray) -> int:
+    """Per-tensor codes of ``(a - b)[start:end]`` (or of ``a``), packed into ``out[:nbytes]``.
+
+    ``start`` must be a multiple of 8, so these are the bytes from ``start * bits // 8`` on of
+    the whole tensor's packed codes (as :func:`quantize_pack` makes them); ``s`` and ``z`` are
+    the float32 inverse step and zero-point. Returns ``nbytes``. Needs numba.
+    """
+    _check_range(a, b, start, end)
+    nbytes = ((end - start) * bits + 7) // 8
+    if start % 8 or out.size < nbytes:
+        raise ValueError(f"qpack_range: start {start} is not a multiple of 8 or out has fewer than {nbytes} bytes")
+    _qpack_nb(a, b, start, end, np.float32(s), np.float32(z),
+              np.float32((1 << bits) - 1), bits, out)
+    return nbytes
 
 
 def unpack_dequantize(packed: Tensor, z: Tensor, scale: Tensor, bits: int, numel: int, out: Tensor) -> bool:

@@ -34,8 +34,13 @@ def task_vector_into(finetuned: Tensor, pretrained: Tensor, out: Tensor, *, labe
     """``out = finetuned - pretrained`` (float32) with its range; NaN / Inf is an error."""
     tau, lo, hi, finite = sub_minmax(finetuned, pretrained, out)
     if not finite:
-        raise NonFiniteError(f"{label}: the task vector of key {key!r} contains NaN or Inf; check the fine-tuned checkpoint (a diverged run?)")
+        raise non_finite(label, key)
     return tau, lo, hi
+
+
+def non_finite(label: str, key: str) -> NonFiniteError:
+    """The error for a task vector with NaN or Inf."""
+    return NonFiniteError(f"{label}: the task vector of key {key!r} contains NaN or Inf; check the fine-tuned checkpoint (a diverged run?)")
 
 
 def encode_single(tau: Tensor, lo: float, hi: float, info: KeyInfo, cfg: StoreConfig, key: str,

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["FINGERPRINT_ALGORITHM", "combine_entries", "fingerprint_state_dict", "short_fingerprint", "tensor_entry"]
+__all__ = ["FINGERPRINT_ALGORITHM", "combine_entries", "fingerprint_state_dict", "entry_with_crc", "short_fingerprint",
+           "tensor_entry"]
 
 FINGERPRINT_ALGORITHM = "tvq1"
 _DOMAIN = b"tvq-state-dict-fingerprint-v1\n"
@@ -48,7 +49,13 @@ def tensor_entry(t: torch.Tensor) -> tuple[str, list[int], int, int]:
     crc = 0
     for start in range(0, raw.nbytes, _CHUNK):
         crc = zlib.crc32(raw[start:start + _CHUNK], crc)
-    return str(t.dtype).removeprefix("torch."), list(t.shape), raw.nbytes, crc
+    return entry_with_crc(t, crc)
+
+
+def entry_with_crc(t: torch.Tensor, crc: int) -> tuple[str, list[int], int, int]:
+    """The :func:`tensor_entry` of ``t`` given the CRC-32 of its bytes, computed elsewhere
+    (``zlib.crc32`` over consecutive pieces, each continuing from the previous value)."""
+    return str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size(), crc
 
 
 def combine_entries(entries: Mapping[str, tuple[str, list[int], int, int]]) -> str:

@@ -47,17 +47,21 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} already exists; choose another output path or pass --overwrite")
 
 
-def _tmp_sibling(path: Path, suffix: str = ".tmp") -> Path:
+def _tmp_sibling(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new empty temp file next to ``path``: its open descriptor and its path.
+
+    Write through this descriptor rather than reopening with ``"wb"``: truncating a file makes
+    ext4 flush it to disk when it is closed (``auto_da_alloc``), which costs ~25 ms per 50 MB.
+    """
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    return fd, Path(name)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    fd, tmp = _tmp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             if _durable():
@@ -82,6 +86,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class SafetensorsStreamWriter:
     """Append tensors one by one to a ``.safetensors`` file, finalised atomically.
 
+    Data goes to the file with ``os.pwrite`` at known offsets, so a large tensor can also be
+    written piecewise and from several threads: :meth:`reserve` gives it its place in the file,
+    :meth:`write_at` fills it (:meth:`add` is both at once). Only :meth:`reserve` / :meth:`add`
+    must be called from one thread at a time.
+
     Args:
         path: final file path (written as a temp sibling, renamed on :meth:`close`).
         header_budget: an upper bound on the header's JSON length, see :func:`header_upper_bound`.
@@ -93,20 +102,29 @@ class SafetensorsStreamWriter:
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta_len = len(json.dumps({"__metadata__": self.metadata}))
         self._reserved = ((header_budget + meta_len + 64) + 7) // 8 * 8
-        self._tmp = _tmp_sibling(self.path, ".part")
-        self._f = open(self._tmp, "wb")
-        self._f.write(b"\0" * (8 + self._reserved))
+        self._fd, self._tmp = _tmp_sibling(self.path, ".part")
+        self._data_start = 8 + self._reserved  # the header is written at close
         self._entries: dict[str, dict] = {}
         self._offset = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def reserve(self, name: str, dtype: str, shape: list[int], nbytes: int) -> int:
+        """Add tensor ``name`` (safetensors dtype tag, shape) of ``nbytes``; its file offset."""
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name!r}")
+        self._entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+        return self._data_start + self._offset - nbytes
+
+    def write_at(self, offset: int, data) -> None:
+        """Write the bytes ``data`` (any buffer) at file ``offset``, e.g. one from :meth:`reserve`."""
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
-        self._entries[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                               "data_offsets": [self._offset, self._offset + data.nbytes]}
-        self._f.write(data)
-        self._offset += data.nbytes
+        self.write_at(self.reserve(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), data.nbytes), data)
 
     def close(self) -> int:
         """Write the header and rename into place (fsync first if durable); returns the file size."""
@@ -118,19 +136,19 @@ class SafetensorsStreamWriter:
             self.abort()
             raise RuntimeError(f"safetensors header of {len(raw)} bytes exceeds the reserved {self._reserved}")
         raw += b" " * (self._reserved - len(raw))
-        self._f.seek(0)
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._f.flush()
+        self.write_at(0, struct.pack("<Q", len(raw)) + raw)
         if _durable():
-            os.fsync(self._f.fileno())
-        self._f.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
         os.replace(self._tmp, self.path)
         return 8 + len(raw) + self._offset
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._f.close()
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "SafetensorsStreamWriter":

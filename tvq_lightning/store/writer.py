@@ -22,6 +22,7 @@ from ..quant.allocation import Allocation
 from ..quant.policy import is_quantized
 from ..quant.qtensor import CODES, SCALE, ZERO
 from ..quant.kernels import parallel_map
+from . import fused
 from .encode import encode_rtvq, encode_single, offset_against, scratch, task_vector_into
 from .fingerprint import combine_entries, tensor_entry
 from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
@@ -118,7 +119,8 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
     """The main pass: for each key read theta_0 and every task's weights, encode, append.
 
     Tasks of one key are encoded in parallel threads (the kernels release the GIL); task ``i``'s
-    file is only appended to by the thread handling task ``i`` of the current key. When
+    file is only appended to by the thread handling task ``i`` of the current key. Per-tensor TVQ
+    of float32 weights takes the cache-blocked path of :mod:`.fused` instead. When
     ``fingerprint`` is a dict, theta_0's per-key fingerprint entries are computed in the same
     pool, alongside the tasks, instead of in a separate pass over theta_0.
     """
@@ -138,13 +140,17 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
                     return None
                 return task_vector_into(fts[i].sd[k], p, rtvq_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
 
-            res = parallel_map(decode, jobs)[: len(tasks)]
+            res = _map(decode, jobs, info.numel)[: len(tasks)]
             base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
             for name, t in base.items():
                 base_writer.add(name, t)
             for w, parts in zip(task_writers, offsets):
                 for name, t in parts.items():
                     w.add(name, t)
+        elif frozen_base is None and fused.eligible(cfg, info, tensors := [p, *(f.sd[k] for f in fts)]):
+            entry = fused.encode_key(k, p, tensors[1:], [f.label for f in fts], info, cfg, task_writers, fingerprint is not None)
+            if fingerprint is not None:
+                fingerprint[k] = entry
         else:
             base_hat = None
             if frozen_base is not None and info.quantized:
@@ -164,12 +170,21 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
                 for name, t in parts.items():
                     w.add(name, t)
 
-            parallel_map(work, jobs)
+            _map(work, jobs, info.numel)
         released += 4 * info.numel * (len(fts) + 1)
         if released > _RELEASE_BYTES:
             _release(pre, fts)
             released = 0
     _release(pre, fts)
+
+
+_SMALL = 1 << 16  # elements per tensor below which a key's tasks are encoded in this thread
+
+
+def _map(fn, jobs: list[int], numel: int) -> list:
+    """``fn`` over a key's jobs: in the worker threads, or here for a small key (biases, norms),
+    whose Python work would only pass the GIL back and forth between threads."""
+    return parallel_map(fn, jobs) if numel >= _SMALL else [fn(i) for i in jobs]
 
 
 _RELEASE_BYTES = 256 << 20  # drop mapped pages every 256 MiB read: RSS stays bounded, few syscalls

@@ -1,0 +1,150 @@
+"""Per-tensor TVQ of one key for every task at once, cache-blocked, straight into the task files.
+
+The general path (:mod:`.encode`) forms each task vector ``tau = theta_t - theta_0`` in a buffer
+and then quantizes it: per task, theta_t and theta_0 are read, tau is written and read back. For
+per-tensor TVQ of float32 weights (the paper's setting) this module instead makes two passes
+over the key in cache-sized chunks, every task's chunk in turn against the same theta_0 chunk,
+which is therefore read from memory once for all tasks:
+
+1. range: min, max and finiteness of ``theta_t - theta_0`` per task (:func:`~..quant.kernels.range_of`);
+2. codes: ``theta_t - theta_0`` formed again, quantized and packed
+   (:func:`~..quant.kernels.qpack_range`), and written with ``pwrite`` at the key's place in each
+   task file (:meth:`~.io.SafetensorsStreamWriter.reserve`).
+
+Forming the difference twice costs less than storing it: per task the passes stream theta_t twice,
+where subtract-store-reload moves about five times its size. The key is cut into one part per
+worker thread (:func:`~..quant.kernels.parallel_map`). theta_0's CRC-32 (its fingerprint entry) is
+taken chunk by chunk while the chunk is in cache: the first part's during pass 1, the rest during
+pass 2, continuing from the first part's value, so both threads share that work. The bytes written
+are identical to ``QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)``.
+"""
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..quant.affine import affine_params
+from ..quant.kernels import num_workers, numba_enabled, parallel_map, qpack_range, range_of
+from ..quant.qtensor import CODES, SCALE, ZERO
+from .encode import non_finite
+from .fingerprint import entry_with_crc
+from .io import SafetensorsStreamWriter
+from .layout import KeyInfo, StoreConfig
+
+CHUNK = 1 << 18  #: elements per cache block (1 MiB of theta_0, in cache while every task uses it)
+STAGE_BYTES = 1 << 20  #: packed bytes gathered per task before a write
+_local = threading.local()
+
+
+def eligible(cfg: StoreConfig, info: KeyInfo, tensors: Sequence[Tensor]) -> bool:
+    """Whether the key can take this path: per-tensor TVQ of float32 CPU tensors, with numba."""
+    return (cfg.scheme == "tvq" and cfg.granularity == "tensor" and info.quantized and info.numel > 0
+            and numba_enabled()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+                    for t in tensors))
+
+
+def _parts(n: int, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous ranges covering ``[0, n)``, cut at multiples of 8 (whole bytes of codes)."""
+    count = max(1, min(count, n // CHUNK))
+    cuts = [0] + [n * i // count // 8 * 8 for i in range(1, count)] + [n]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _chunks(start: int, end: int):
+    for c0 in range(start, end, CHUNK):
+        yield c0, min(c0 + CHUNK, end)
+
+
+def encode_key(key: str, pretrained: Tensor, finetuned: Sequence[Tensor], labels: Sequence[str], info: KeyInfo,
+               cfg: StoreConfig, writers: Sequence[SafetensorsStreamWriter], crc: bool) -> tuple | None:
+    """Quantize ``finetuned[i] - pretrained`` per tensor into ``writers[i]`` for every task ``i``.
+
+    A task whose vector is zero on this key stores nothing for it (as :func:`.encode.encode_single`).
+    Raises :class:`~..errors.NonFiniteError` for NaN / Inf. Returns theta_0's fingerprint entry
+    (:func:`.fingerprint.tensor_entry`) when ``crc``, else None.
+    """
+    b = pretrained.reshape(-1).numpy()
+    tasks = [f.reshape(-1).numpy() for f in finetuned]
+    raw = memoryview(b.view(np.uint8)) if crc else None
+    parts = _parts(info.numel, num_workers())
+    last = len(parts) - 1
+
+    def ranges(part: int) -> tuple[list[float], list[float], list[bool], int]:
+        lo, hi, finite, c = [np.inf] * len(tasks), [-np.inf] * len(tasks), [True] * len(tasks), 0
+        for c0, c1 in _chunks(*parts[part]):
+            for t, a in enumerate(tasks):
+                tlo, thi, tfin = range_of(a, b, c0, c1)
+                lo[t], hi[t], finite[t] = min(lo[t], tlo), max(hi[t], thi), finite[t] and tfin
+            if raw is not None and part == 0:
+                c = zlib.crc32(raw[4 * c0:4 * c1], c)
+        return lo, hi, finite, c
+
+    found = parallel_map(ranges, range(len(parts)))
+    lo = [min(f[0][t] for f in found) for t in range(len(tasks))]
+    hi = [max(f[1][t] for f in found) for t in range(len(tasks))]
+    for t in range(len(tasks)):
+        if not all(f[2][t] for f in found):
+            raise non_finite(labels[t], key)
+    spec = cfg.spec(info.bits)
+    s, z, scale = affine_params(torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32), spec)
+    active = [t for t in range(len(tasks)) if not (lo[t] == 0.0 and hi[t] == 0.0)]
+    nbytes = (info.numel * spec.bits + 7) // 8
+    offsets = {}
+    for t in active:
+        offsets[t] = writers[t].reserve(key + CODES, "U8", [nbytes], nbytes)
+        writers[t].add(key + ZERO, z[t:t + 1].to(torch.int32))
+        writers[t].add(key + SCALE, scale[t:t + 1])
+    sv, zv = s.tolist(), z.tolist()
+
+    def codes(part: int) -> int:
+        c = found[0][3]
+        if raw is not None and part == last > 0:  # parts 1 .. last-1 (none with two threads)
+            c = zlib.crc32(raw[4 * parts[0][1]:4 * parts[last][0]], c)
+        start, end = parts[part]
+        most = CHUNK * spec.bits // 8 + 1  # packed bytes of one chunk, at most
+        stage = _Stage(len(tasks), min((end - start) * spec.bits // 8 + 1, max(STAGE_BYTES, most)))
+        for c0, c1 in _chunks(start, end):
+            for t in active:
+                buf = stage.room(t, most, writers[t], offsets[t] + start * spec.bits // 8)
+                stage.used[t] += qpack_range(tasks[t], b, c0, c1, sv[t], zv[t], spec.bits, buf)
+            if raw is not None and part == last > 0:
+                c = zlib.crc32(raw[4 * c0:4 * c1], c)
+        for t in active:
+            stage.flush(t, writers[t], offsets[t] + start * spec.bits // 8)
+        return c
+
+    c = parallel_map(codes, range(len(parts)))[last]
+    return entry_with_crc(pretrained, c) if crc else None
+
+
+class _Stage:
+    """Per-thread staging buffers of packed codes, one per task, written out in large pieces.
+
+    Writes of 32 KiB cost the kernel about half again as much per byte as writes of 256 KiB and
+    more, so a part's codes of each task are gathered up to :data:`STAGE_BYTES` before each
+    ``pwrite``. The buffers are reused across keys (thread-local).
+    """
+
+    def __init__(self, tasks: int, size: int):
+        bufs = getattr(_local, "stage", [])
+        if len(bufs) < tasks or (bufs and bufs[0].size < size):
+            bufs = _local.stage = [np.empty(max(size, bufs[0].size if bufs else 0), np.uint8) for _ in range(tasks)]
+        self.bufs, self.used, self.written = bufs, [0] * tasks, [0] * tasks
+
+    def room(self, t: int, nbytes: int, writer: SafetensorsStreamWriter, offset: int) -> np.ndarray:
+        """Where task ``t``'s next ``nbytes`` go (after writing out what is staged, if full)."""
+        if self.used[t] + nbytes > self.bufs[t].size:
+            self.flush(t, writer, offset)
+        return self.bufs[t][self.used[t]:]
+
+    def flush(self, t: int, writer: SafetensorsStreamWriter, offset: int) -> None:
+        """Write task ``t``'s staged bytes at ``offset`` (the part's start) plus what came before."""
+        writer.write_at(offset + self.written[t], self.bufs[t][:self.used[t]])
+        self.written[t] += self.used[t]
+        self.used[t] = 0
