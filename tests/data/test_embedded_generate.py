@@ -5,6 +5,7 @@ import torch
 
 from tvq_lightning.data.embedded import (
     GENERATOR_VERSION,
+    TASKS_VERSION,
     TASK_NAMES,
     TASKS,
     caption_pairs,
@@ -63,7 +64,7 @@ def test_bad_task_or_split_raises():
 
 def test_cache_file_is_keyed_and_read_back(cache):
     images, labels = task_split("sizes", "test", seed=3, size=20)
-    path = cache / f"v{GENERATOR_VERSION}-seed3-sizes-test-20.npz"
+    path = cache / f"tasks-v{TASKS_VERSION}-seed3-sizes-test-20.npz"
     assert path.is_file()
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary file left behind
     # a second call reads the file: plant a marker in it

@@ -105,7 +105,8 @@ def test_task_scenes_carry_their_label():
 def test_quadrant_images_are_brightest_in_their_quadrant():
     images, labels = task_split("quadrants", "train", size=200)
     q = images.astype(np.float64).mean(-1).reshape(len(images), 2, 16, 2, 16).mean((2, 4)).reshape(-1, 4)
-    assert np.array_equal(q.argmax(1), labels)
+    # subtle increments over gradient backgrounds: the raw mean is a strong hint, not an oracle
+    assert (q.argmax(1) == labels).mean() > 0.6
 
 
 def test_position_scenes_put_the_object_in_its_cell():

@@ -1,4 +1,10 @@
 """Data modules: multi-task classification suites."""
-from .multitask import ImagesOnly, IndexedImages, MultiTaskDataModule, ToyTasks
+from .multitask import (
+    ImagesOnly,
+    IndexedImages,
+    MultiTaskDataModule,
+    TensorTasks,
+    ToyTasks,
+)
 
-__all__ = ["ImagesOnly", "IndexedImages", "MultiTaskDataModule", "ToyTasks"]
+__all__ = ["ImagesOnly", "IndexedImages", "MultiTaskDataModule", "TensorTasks", "ToyTasks"]

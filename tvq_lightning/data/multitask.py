@@ -135,3 +135,25 @@ class ToyTasks(MultiTaskDataModule):
         labels = torch.randint(0, c, (n,), generator=gs)
         images = protos[labels] + self.noise * torch.randn(n, 3, s, s, generator=gs)
         return TensorDataset(images, labels)
+
+
+class TensorTasks(MultiTaskDataModule):
+    """Tasks given as tensors, ``data[task][split] = (inputs, labels)`` (e.g. features of a frozen
+    stem computed once, shared by many runs without recomputing them)."""
+
+    def __init__(self, data: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], num_classes: dict[str, int],
+                 batch_size: int = 32, eval_batch_size: int | None = None, train_task: str | None = None,
+                 num_workers: int = 0):
+        super().__init__(list(data), batch_size, eval_batch_size, train_task, num_workers)
+        missing = [t for t in self.tasks if t not in num_classes]
+        if missing:
+            raise TvqError(f"TensorTasks: no class count for task {missing[0]!r}; give num_classes[{missing[0]!r}]")
+        self.data, self._classes = data, dict(num_classes)
+
+    def num_classes(self, task: str) -> int:
+        return self._classes[task]
+
+    def make_split(self, task: str, split: str) -> Dataset:
+        if split not in self.data[task]:
+            raise TvqError(f"TensorTasks: task {task!r} has no {split!r} split (it has {', '.join(self.data[task])})")
+        return TensorDataset(*self.data[task][split])

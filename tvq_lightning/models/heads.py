@@ -38,7 +38,7 @@ class ClassificationHead(nn.Module):
         return F.linear(features, self.weight, self.bias)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassificationHead":
+    def load(cls, path: str | Path) -> ClassificationHead:
         """A head saved by :meth:`save` (safetensors with ``weight`` and ``bias``)."""
         from ..store.checkpoints import load_state_dict
 

@@ -2,7 +2,8 @@
 from .adamerging import AdaMerging, read_coefficients
 from .evaluate import MergedEvaluation
 from .finetune import FineTuneModule
+from .pretrain import ContrastivePretraining
 from .surgery import Surgery
 from .tinting import Tinting
 
-__all__ = ["AdaMerging", "FineTuneModule", "MergedEvaluation", "Surgery", "Tinting", "read_coefficients"]
+__all__ = ["AdaMerging", "ContrastivePretraining", "FineTuneModule", "MergedEvaluation", "Surgery", "Tinting", "read_coefficients"]

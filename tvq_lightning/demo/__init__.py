@@ -1,0 +1,148 @@
+"""``tvq demo``: the whole system on the embedded benchmark, and the TVQ paper's findings.
+
+Phases (each timed in ``report.json``):
+
+1. ``setup``: generate (or load the cached) task data, load the shipped pre-trained tiny CLIP (θ0),
+   build every task's zero-shot head from class names and templates, and compute the frozen
+   stem's features once;
+2. ``finetune``: one ``Trainer.fit`` per task of the image tower's top, with ``QuantizeOnSave``
+   writing the FP32, FQ-INT8/4 and TVQ-INT8/4/3/2 stores;
+3. ``stores``: the RTVQ B3O2 and the budget store (``--budget 2.5``, per-tensor widths), from the
+   FP32 store's exact task vectors; bytes on disk and reconstruction errors;
+4. ``merge``: individual models and every data-free method on every store, λ on validation;
+5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on a few stores;
+6. ``report``: ``report.md``, ``report.json`` and the plots in ``--out`` (default ``runs/demo``).
+
+The output folder is built next to ``--out`` and swapped in when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import SCHEMES, DemoConfig
+
+__all__ = ["SCHEMES", "DemoConfig", "run_demo"]
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """The demo prints its own progress: silence Lightning's per-Trainer banners and tips."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|eval mode|num_workers|does not have many workers).*")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _bar(items, desc: str, show: bool):
+    return tqdm(items, desc=desc, disable=not show, file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig | None = None,
+             clip_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Run every phase; returns the report (also written to ``out``)."""
+    from ..store.io import staged_directory
+
+    cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
+    out = Path(out)
+    with _quiet_lightning(), staged_directory(out, overwrite=True) as stage:
+        from .report import write_report
+
+        md = write_report(_run(cfg, stage, clip_dir, progress), stage)
+    print(md)
+    return json.loads((out / "report.json").read_text())
+
+
+def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
+    from dataclasses import asdict
+
+    from ..store.reader import TaskVectorStore
+    from ..store.summary import summarize
+    from .adapt import ADAPTIVE, adapt
+    from .bench import prepare
+    from .evaluate import (
+        Evaluator,
+        quantization_error,
+        range_ratio,
+        result,
+    )
+    from .finetune import build_joint_stores, finetune_task
+    from .merges import merge_all
+    from .report import machine
+
+    timings: dict[str, float] = {}
+    start = t = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[phase] = now - t
+        t = now
+
+    bar = _bar(cfg.tasks, "setup: data, θ0, zero-shot heads, stem features", show)
+    bench = prepare(cfg, out, clip_dir, progress=lambda _: bar.update(1))
+    bar.close()
+    ev = Evaluator(bench)
+    results: dict[str, dict] = {"pretrained": {"fp32": result(ev.accuracy(bench.pretrained()))}}
+    lap("setup")
+
+    stores = {s: out / "stores" / s for s in cfg.schemes}
+    for task in _bar(cfg.tasks, "finetune (QuantizeOnSave)", show):
+        finetune_task(bench, task, stores)
+    lap("finetune")
+
+    build_joint_stores(bench, stores)
+    exact = TaskVectorStore(stores["fp32"])
+    storage, diagnostics = {}, {}
+    for s, path in stores.items():
+        st = TaskVectorStore(path)
+        summ = summarize(st)
+        storage[s] = {"bytes": int(summ["bytes_on_disk"]), "ratio_to_fp32": float(summ["ratio_to_fp32"]),
+                      "bits_per_param": float(summ["bits_per_param"]), "label": summ["scheme"]}
+        diagnostics[s] = {"rel_l2_error": quantization_error(st, exact, bench.pretrained(), bench.tasks)}
+        st.close()
+    quantized = TaskVectorStore(stores["tvq4" if "tvq4" in stores else next(s for s in stores if s != "fp32")])
+    diagnostics["range_ratio"] = range_ratio(exact, bench.pretrained(), bench.tasks,
+                                             [k for k in quantized.keys if quantized.layout.keys[k].quantized])
+    lap("stores")
+
+    bar = _bar(range(len(stores) * 7), "merge (λ on validation)", show)
+    results.update(merge_all(stores, bench, ev, progress=lambda _: bar.update(1)))
+    bar.close()
+    analysis = {"task_arithmetic_loss": _ta_loss(bench, ev, exact, results)}
+    lap("merge")
+
+    runs = [(m, s) for m in ADAPTIVE for s in cfg.adapt_schemes if s in stores]
+    for method, scheme in _bar(runs, "adapt (AdaMerging, Tinting++)", show):
+        results.setdefault(method, {})[scheme] = adapt(method, bench, stores[scheme], out / "adapt" / scheme)
+    lap("adapt")
+    exact.close()
+    timings["total"] = time.perf_counter() - start
+    return {"tasks": bench.tasks, "results": results, "storage": storage, "diagnostics": diagnostics,
+            "analysis": analysis, "timings": timings, "config": asdict(cfg), "machine": machine()}
+
+
+def _ta_loss(bench, ev, exact, results) -> dict:
+    """Where task arithmetic loses accuracy at its validation λ: each task's own scaled vector alone
+    (under-scaling) vs the sum of all (interference)."""
+    from .evaluate import individual_models
+
+    lam = results["task_arithmetic"]["fp32"]["value"]
+    own = ev.per_task_accuracy(individual_models(exact, bench.pretrained(), bench.tasks, scale=lam))
+    return {"scaling": lam, "own_vector": sum(own.values()) / len(own),
+            "merged": results["task_arithmetic"]["fp32"]["avg"], "individual": results["individual"]["fp32"]["avg"]}

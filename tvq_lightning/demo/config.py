@@ -1,0 +1,66 @@
+"""The demo's settings: one typed, frozen dataclass; ``DemoConfig.quick()`` is the test-suite variant."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..data.embedded import TASK_NAMES
+from ..store.layout import StoreConfig
+
+#: report name -> the store it names (the budget store: RTVQ, (b_base, b_off) and per-tensor widths
+#: chosen by the allocator for 2.5 bits per parameter per task)
+SCHEMES: dict[str, StoreConfig] = {
+    "fp32": StoreConfig(scheme="fp32"),
+    "fq8": StoreConfig(scheme="fq", bits=8),
+    "fq4": StoreConfig(scheme="fq", bits=4),
+    "tvq8": StoreConfig(scheme="tvq", bits=8),
+    "tvq4": StoreConfig(scheme="tvq", bits=4),
+    "tvq3": StoreConfig(scheme="tvq", bits=3),
+    "tvq2": StoreConfig(scheme="tvq", bits=2),
+    "rtvq_b3o2": StoreConfig(scheme="rtvq", base_bits=3, offset_bits=2),
+    "budget": StoreConfig(scheme="rtvq", budget=2.5, per_tensor_bits=True),
+}
+#: stores written by QuantizeOnSave during fine-tuning (one task at a time); the others need every
+#: task at once (RTVQ's shared base, the budget's joint allocation) and are built afterwards
+PER_TASK_SCHEMES = ("fp32", "fq8", "fq4", "tvq8", "tvq4", "tvq3", "tvq2")
+#: the data-free merging methods, and the option swept on validation (None: the method's defaults)
+MERGE_METHODS: dict[str, str | None] = {
+    "task_arithmetic": "scaling", "ties": "scaling", "emr": None, "consensus": "scaling", "lines": "alpha",
+    "magmax": "scaling", "breadcrumbs": "scaling",
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the demo's numbers (the seed gives the same numbers twice)."""
+
+    seed: int = 0
+    tasks: tuple[str, ...] = TASK_NAMES
+    train_size: int = 3000
+    val_size: int = 200
+    test_size: int = 400
+    # fine-tuning: the top of the image tower, stem frozen; AdamW, cosine schedule with warm-up
+    finetune_steps: int = 150
+    finetune_batch: int = 64
+    finetune_lr: float = 1e-4
+    finetune_weight_decay: float = 0.0
+    schemes: tuple[str, ...] = tuple(SCHEMES)
+    scaling_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+    alpha_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    # test-time adaptation (unlabelled test images of every task)
+    adapt_schemes: tuple[str, ...] = ("fp32", "tvq4")
+    adamerging_steps: int = 200
+    adamerging_lr: float = 1e-3
+    adapt_batch: int = 16
+    # an epoch is one step per task (shuffled) in "task" mode (the released code), one step on the
+    # tasks' summed losses in "joint" mode (one merge per step instead of T: the demo's choice)
+    tinting_epochs: int = 200
+    tinting_step_mode: str = "joint"
+    tinting_lr: float = 1e-2
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        """Three tasks, small splits, few steps: the whole pipeline in well under two minutes."""
+        base = cls(tasks=("shapes", "colours", "digits"), train_size=400, val_size=60, test_size=90,
+                   finetune_steps=30, scaling_grid=(0.3, 0.6, 1.0), alpha_grid=(0.3, 1.0),
+                   adapt_schemes=("fp32", "tvq4"), adamerging_steps=10, tinting_epochs=4)
+        return replace(base, **overrides)

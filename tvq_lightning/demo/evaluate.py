@@ -1,0 +1,88 @@
+"""Accuracy of models of the fine-tuned top on the tasks' cached stem features, and store diagnostics.
+
+Models are state dicts of ``visual.top`` (θ0, a merge, θ0 + τ̂_t); a forward is
+``head_t(functional_call(top, params, features))``. Accuracies are percentages.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from ..store.reader import TaskVectorStore
+from .bench import Bench
+
+
+class Evaluator:
+    def __init__(self, bench: Bench):
+        self.bench = bench
+        self.top = bench.top().eval()
+
+    @torch.no_grad()
+    def task_accuracy(self, params: Mapping[str, Tensor], task: str, split: str = "test",
+                      head: torch.nn.Module | None = None) -> float:
+        x, y = self.bench.data[task][split]
+        head = head if head is not None else self.bench.heads[task]
+        correct = 0
+        for i in range(0, len(x), 1024):
+            z = functional_call(self.top, dict(params), (x[i:i + 1024],))
+            correct += int((head(z).argmax(-1) == y[i:i + 1024]).sum())
+        return 100.0 * correct / max(len(x), 1)
+
+    def accuracy(self, params: Mapping[str, Tensor], split: str = "test",
+                 tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """One model on every task."""
+        return {t: self.task_accuracy(params, t, split) for t in (tasks or self.bench.tasks)}
+
+    def per_task_accuracy(self, models: Mapping[str, Mapping[str, Tensor]], split: str = "test") -> dict[str, float]:
+        """Task t's own model on task t."""
+        return {t: self.task_accuracy(models[t], t, split) for t in self.bench.tasks}
+
+
+def result(per_task: Mapping[str, float], **extra) -> dict:
+    """A report cell: ``{"avg", "per_task", ...}``."""
+    vals = list(per_task.values())
+    return {"avg": sum(vals) / max(len(vals), 1), "per_task": dict(per_task), **extra}
+
+
+def individual_models(store: TaskVectorStore, pretrained: Mapping[str, Tensor], tasks: Sequence[str],
+                      scale: float = 1.0) -> dict[str, dict[str, Tensor]]:
+    """``{t: θ0 + scale * τ̂_t}`` from the store (dequantized)."""
+    out = {}
+    for t in tasks:
+        params = dict(pretrained)
+        for k in store.keys:
+            params[k] = pretrained[k] + scale * store.task_vector(t, k, pretrained[k]).to(pretrained[k].dtype)
+        out[t] = params
+    return out
+
+
+def quantization_error(store: TaskVectorStore, exact: TaskVectorStore, pretrained: Mapping[str, Tensor],
+                       tasks: Sequence[str]) -> float:
+    """``||τ̂ − τ|| / ||τ||`` over every task and every tensor the store quantizes."""
+    num = den = 0.0
+    for k in store.keys:
+        if not store.layout.keys[k].quantized:
+            continue
+        for t in tasks:
+            tau = exact.task_vector(t, k).float()
+            num += float(torch.sum((store.task_vector(t, k, pretrained[k]).float() - tau) ** 2))
+            den += float(torch.sum(tau ** 2))
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def range_ratio(exact: TaskVectorStore, pretrained: Mapping[str, Tensor], tasks: Sequence[str],
+                keys: Sequence[str]) -> float:
+    """Mean over tasks and the tensors ``keys`` (those the quantized stores quantize) of
+    ``range(θ_t) / range(τ_t)``, skipping tensors τ_t leaves unchanged."""
+    ratios = []
+    for k in keys:
+        for t in tasks:
+            tau = exact.task_vector(t, k).float()
+            r_tau = float(tau.max() - tau.min())
+            if r_tau > 0:
+                theta = pretrained[k].float() + tau
+                ratios.append(float(theta.max() - theta.min()) / r_tau)
+    return sum(ratios) / max(len(ratios), 1)

@@ -1,0 +1,74 @@
+"""Fine-tuning every task through Lightning, with the task vectors written by ``QuantizeOnSave``.
+
+Each task is one ``Trainer.fit`` of :class:`~tvq_lightning.modules.FineTuneModule` (the zero-shot
+head frozen, AdamW, cosine schedule with warm-up, gradient clipping at 1) whose Trainer carries one
+:class:`~tvq_lightning.callbacks.QuantizeOnSave` per per-task scheme: the fine-tuned weights are
+never written, only the stores. RTVQ and the budget store need every task at once (a shared base;
+a joint allocation), so they are built afterwards from the FP32 store's exact task vectors with
+:func:`~tvq_lightning.store.quantize_to_store` (what ``tvq quantize`` runs).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ..callbacks.quantize_on_save import QuantizeOnSave
+from ..data.multitask import TensorTasks
+from ..modules.finetune import FineTuneModule
+from ..store.reader import TaskVectorStore
+from ..store.writer import quantize_to_store
+from .bench import Bench
+from .config import PER_TASK_SCHEMES, SCHEMES
+
+
+class FinetunedFromStore(Mapping):
+    """θ0 + τ_t as a lazy state dict, from an exact (FP32) store."""
+
+    def __init__(self, store: TaskVectorStore, task: str, pretrained: Mapping[str, Tensor]):
+        self.store, self.task, self.pre = store, task, pretrained
+        self._keys = set(store.keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        p = self.pre[key]
+        return p + self.store.task_vector(self.task, key).to(p.dtype) if key in self._keys else p
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pre)
+
+    def __len__(self) -> int:
+        return len(self.pre)
+
+
+def quiet_trainer(max_steps: int, **kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, bars or summaries (the demo prints its own progress)."""
+    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    opts.update(kwargs)
+    return pl.Trainer(max_steps=max_steps, **opts)
+
+
+def finetune_task(bench: Bench, task: str, stores: Mapping[str, Path]) -> None:
+    cfg = bench.cfg
+    callbacks = [QuantizeOnSave(str(stores[s]), submodule="encoder", pretrained=str(bench.pretrained_path),
+                                scheme=SCHEMES[s].scheme, bits=SCHEMES[s].bits, overwrite_task=True)
+                 for s in PER_TASK_SCHEMES if s in stores]
+    module = FineTuneModule(bench.top(), task, head=bench.heads[task], num_classes=bench.num_classes[task],
+                            lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
+    dm = TensorTasks(bench.data, bench.num_classes, batch_size=cfg.finetune_batch, train_task=task)
+    torch.manual_seed(cfg.seed)
+    quiet_trainer(cfg.finetune_steps, callbacks=callbacks, gradient_clip_val=1.0).fit(module, dm)
+
+
+def build_joint_stores(bench: Bench, stores: Mapping[str, Path]) -> None:
+    """The stores that need every task at once, from the FP32 store."""
+    exact = TaskVectorStore(stores["fp32"])
+    pre = bench.pretrained()
+    for name, path in stores.items():
+        if name in PER_TASK_SCHEMES:
+            continue
+        fts = {t: FinetunedFromStore(exact, t, pre) for t in bench.tasks}
+        quantize_to_store(bench.pretrained_path, fts, path, config=SCHEMES[name], progress=False)
