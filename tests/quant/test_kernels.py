@@ -244,3 +244,16 @@ def test_ranges_of_a_difference_match_the_whole_tensor(bits):
             assert torch.equal(torch.from_numpy(buf[:nb]), whole[c0 * bits // 8:c0 * bits // 8 + nb]), (n, c0)
     a[3] = float("nan")
     assert not kernels.range_of(a.numpy(), b.numpy(), 0, n)[2]
+
+
+def test_range_kernels_refuse_bad_ranges():
+    """The compiled loops do not check bounds, so the wrappers do."""
+    a, out = np.zeros(16, np.float32), np.empty(16, np.uint8)
+    with pytest.raises(IndexError):
+        kernels.range_of(a, np.zeros(8, np.float32), 0, 16)
+    with pytest.raises(IndexError):
+        kernels.qpack_range(a, None, 8, 24, 1.0, 0.0, 4, out)
+    with pytest.raises(ValueError):
+        kernels.qpack_range(a, None, 4, 16, 1.0, 0.0, 4, out)
+    with pytest.raises(ValueError):
+        kernels.qpack_range(a, None, 0, 16, 1.0, 0.0, 8, out[:15])

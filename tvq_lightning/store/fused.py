@@ -38,6 +38,7 @@ from .layout import KeyInfo, StoreConfig
 
 CHUNK = 1 << 18  #: elements per cache block (1 MiB of theta_0, in cache while every task uses it)
 STAGE_BYTES = 1 << 20  #: packed bytes gathered per task before a write
+_MIN_PART = 1 << 16  # elements: a smaller key is not cut between threads
 _local = threading.local()
 
 
@@ -51,7 +52,7 @@ def eligible(cfg: StoreConfig, info: KeyInfo, tensors: Sequence[Tensor]) -> bool
 
 def _parts(n: int, count: int) -> list[tuple[int, int]]:
     """``count`` contiguous ranges covering ``[0, n)``, cut at multiples of 8 (whole bytes of codes)."""
-    count = max(1, min(count, n // CHUNK))
+    count = max(1, min(count, n // _MIN_PART))
     cuts = [0] + [n * i // count // 8 * 8 for i in range(1, count)] + [n]
     return list(zip(cuts[:-1], cuts[1:]))
 

@@ -41,6 +41,10 @@ _ST_DTYPES = {
 }
 
 
+_NUMPY_VIEWABLE = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                   torch.uint8, torch.bool}
+
+
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse to clobber ``path`` unless ``overwrite``."""
     if path.exists() and not overwrite:
@@ -77,10 +81,15 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous().reshape(-1)
+    """The tensor's bytes in C order (a copy only if it is not a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.cpu().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    if t.dtype in _NUMPY_VIEWABLE:  # numpy's view: a few microseconds less than torch's, per key
+        return memoryview(t.numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class SafetensorsStreamWriter:
