@@ -6,9 +6,10 @@ Phases (each timed in ``report.json``):
    build every task's zero-shot head from class names and templates, and compute the frozen
    stem's features once;
 2. ``finetune``: one ``Trainer.fit`` per task of the image tower's top, with ``QuantizeOnSave``
-   writing the FP32, FQ-INT8/4 and TVQ-INT8/4/3/2 stores;
-3. ``stores``: the RTVQ B3O2 and the budget store (``--budget 2.5``, per-tensor widths), from the
-   FP32 store's exact task vectors; bytes on disk and reconstruction errors;
+   writing the FP32 and TVQ-INT4 stores (the fine-tuned weights are never saved);
+3. ``stores``: FQ-INT8/4, TVQ-INT8/3/2, RTVQ B3O2 and the budget store (``--budget 2.5``,
+   per-tensor widths) from the FP32 store's exact task vectors; bytes on disk, reconstruction
+   errors, the range ratio;
 4. ``merge``: individual models and every data-free method on every store, λ on validation;
 5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on a few stores;
 6. ``report``: ``report.md``, ``report.json`` and the plots in ``--out`` (default ``runs/demo``).

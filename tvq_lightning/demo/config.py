@@ -19,9 +19,11 @@ SCHEMES: dict[str, StoreConfig] = {
     "rtvq_b3o2": StoreConfig(scheme="rtvq", base_bits=3, offset_bits=2),
     "budget": StoreConfig(scheme="rtvq", budget=2.5, per_tensor_bits=True),
 }
-#: stores written by QuantizeOnSave during fine-tuning (one task at a time); the others need every
-#: task at once (RTVQ's shared base, the budget's joint allocation) and are built afterwards
-PER_TASK_SCHEMES = ("fp32", "fq8", "fq4", "tvq8", "tvq4", "tvq3", "tvq2")
+#: stores written by QuantizeOnSave during fine-tuning (one task at a time): the exact baseline and
+#: the 4-bit store a practitioner keeps instead of checkpoints. The others are built afterwards from
+#: the FP32 store's exact task vectors with one quantize_to_store call each (RTVQ's shared base and
+#: the budget's joint allocation need every task at once anyway)
+PER_TASK_SCHEMES = ("fp32", "tvq4")
 #: the data-free merging methods, and the option swept on validation (None: the method's defaults)
 MERGE_METHODS: dict[str, str | None] = {
     "task_arithmetic": "scaling", "ties": "scaling", "emr": None, "consensus": "scaling", "lines": "alpha",

@@ -2,10 +2,11 @@
 
 Each task is one ``Trainer.fit`` of :class:`~tvq_lightning.modules.FineTuneModule` (the zero-shot
 head frozen, AdamW, cosine schedule with warm-up, gradient clipping at 1) whose Trainer carries one
-:class:`~tvq_lightning.callbacks.QuantizeOnSave` per per-task scheme: the fine-tuned weights are
-never written, only the stores. RTVQ and the budget store need every task at once (a shared base;
-a joint allocation), so they are built afterwards from the FP32 store's exact task vectors with
-:func:`~tvq_lightning.store.quantize_to_store` (what ``tvq quantize`` runs).
+:class:`~tvq_lightning.callbacks.QuantizeOnSave` per scheme of :data:`~.config.PER_TASK_SCHEMES` (FP32
+and TVQ-INT4): the fine-tuned weights are never written, only the stores. The other stores are
+built afterwards from the FP32 store's exact task vectors with
+:func:`~tvq_lightning.store.quantize_to_store` (what ``tvq quantize`` runs), all tasks at once (RTVQ's
+shared base and the budget's joint allocation need them together).
 """
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""Parts of the demo pipeline: the λ-sweep shortcut, determinism of fine-tuning, the findings."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tvq_lightning.demo.bench import prepare
+from tvq_lightning.demo.config import MERGE_METHODS, DemoConfig
+from tvq_lightning.demo.finetune import build_joint_stores, finetune_task
+from tvq_lightning.demo.merges import _scaled, merged_models
+from tvq_lightning.demo.report import findings
+from tvq_lightning.store.reader import TaskVectorStore
+
+TASKS = ("shapes", "digits")
+
+
+@pytest.fixture(scope="module")
+def bench_and_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TVQ_CACHE_DIR", str(root / "cache"))
+    try:
+        cfg = DemoConfig.quick(tasks=TASKS, train_size=128, val_size=16, test_size=16, finetune_steps=8,
+                               schemes=("fp32", "tvq4", "rtvq_b3o2"))
+        bench = prepare(cfg, root)
+        stores = {s: root / "stores" / s for s in cfg.schemes}
+        for t in TASKS:
+            finetune_task(bench, t, stores)
+        build_joint_stores(bench, stores)
+    finally:
+        mp.undo()
+    return bench, stores, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m, opt in MERGE_METHODS.items() if opt == "scaling"])
+def test_scaling_sweep_equals_merging_at_each_value(bench_and_stores, method):
+    """Every method swept over ``scaling`` is θ0 + scaling * delta: scaling the unit merge is exact."""
+    bench, stores, _ = bench_and_stores
+    store = TaskVectorStore(stores["tvq4"])
+    unit = merged_models(store, bench, method, {"scaling": 1.0})
+    for lam in (0.3, 0.7):
+        direct = merged_models(store, bench, method, {"scaling": lam})(TASKS[0])
+        scaled = _scaled(unit, bench.pretrained(), lam)(TASKS[0])
+        for k, v in direct.items():
+            torch.testing.assert_close(scaled[k], v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_finetuning_is_deterministic(bench_and_stores, tmp_path):
+    bench, stores, _ = bench_and_stores
+    again = {"fp32": tmp_path / "fp32"}
+    finetune_task(bench, TASKS[0], again)
+    a, b = TaskVectorStore(stores["fp32"]), TaskVectorStore(again["fp32"])
+    for k in a.keys:
+        assert torch.equal(a.task_vector(TASKS[0], k), b.task_vector(TASKS[0], k)), k
+
+
+@pytest.mark.slow
+def test_stores_hold_every_task_of_the_same_theta0(bench_and_stores):
+    bench, stores, _ = bench_and_stores
+    fps = set()
+    for path in stores.values():
+        st = TaskVectorStore(path)
+        assert st.tasks == list(TASKS)
+        st.check_pretrained(bench.pretrained())
+        fps.add(st.fingerprint)
+    assert len(fps) == 1
+
+
+def _report(**over):
+    cell = lambda v: {"avg": v, "per_task": {"a": v}}  # noqa: E731
+    res = {"pretrained": {"fp32": cell(50.0)},
+           "individual": {"fp32": cell(90.0), "tvq4": cell(89.8), "tvq3": cell(89.5), "tvq2": cell(85.0),
+                          "rtvq_b3o2": cell(89.0)},
+           "task_arithmetic": {"fp32": cell(70.0), "tvq4": cell(70.2), "tvq3": cell(69.5), "rtvq_b3o2": cell(69.0)},
+           "tinting": {"fp32": cell(76.0)}, "adamerging_layer": {"fp32": cell(71.0)}}
+    report = {"results": res, "storage": {"rtvq_b3o2": {"ratio_to_fp32": 0.075}},
+              "diagnostics": {"tvq8": {"rel_l2_error": 0.01}, "tvq4": {"rel_l2_error": 0.1},
+                              "tvq3": {"rel_l2_error": 0.2}, "tvq2": {"rel_l2_error": 0.5},
+                              "fq4": {"rel_l2_error": 2.0}, "range_ratio": 20.0}}
+    for path, value in over.items():
+        node = report
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return {c["claim"]: c["holds"] for c in findings(report)}
+
+
+def test_findings_follow_the_numbers():
+    ok = _report()
+    assert all(ok.values()), [c for c, h in ok.items() if not h]
+    assert len(ok) == 14
+    assert not _report(**{"results/adamerging_layer/fp32": {"avg": 69.9, "per_task": {}}})[
+        "layer-wise AdaMerging >= task arithmetic"]
+    assert not _report(**{"results/tinting/fp32": {"avg": 74.9, "per_task": {}}})["Tinting++ >= task arithmetic + 5 points"]
+    assert not _report(**{"diagnostics/fq4": {"rel_l2_error": 0.9}})["rel. L2 error FQ4 >= 10x TVQ4"]
+    assert not _report(**{"diagnostics/range_ratio": 9.0})["range(θ) / range(τ) >= 10"]
+    assert not _report(**{"storage/rtvq_b3o2": {"ratio_to_fp32": 0.081}})["RTVQ B3O2 <= 8 % of the fp32 bytes"]
+    # task arithmetic recovers (70 - 50) / (90 - 50) = 50 % of the gap; 59 would be 22.5 %
+    assert not _report(**{"results/task_arithmetic/fp32": {"avg": 59.0, "per_task": {}}})[
+        "task arithmetic recovers >= 25 % of the pretrained -> individual gap"]
+
+
+def test_quick_config_is_a_subset():
+    q = DemoConfig.quick()
+    assert set(q.tasks) < set(DemoConfig().tasks)
+    assert replace(q, seed=3).seed == 3
