@@ -11,7 +11,8 @@ Phases (each timed in ``report.json``):
    per-tensor widths) from the FP32 store's exact task vectors; bytes on disk, reconstruction
    errors, the range ratio;
 4. ``merge``: individual models and every data-free method on every store, λ on validation;
-5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on a few stores;
+5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on the FP32 store, Tinting++
+   also on the TVQ-INT4 store (``DemoConfig.adapt_runs``);
 6. ``report``: ``report.md``, ``report.json`` and the plots in ``--out`` (default ``runs/demo``).
 
 The output folder is built next to ``--out`` and swapped in when complete.
@@ -128,7 +129,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
     analysis = {"task_arithmetic_loss": _ta_loss(bench, ev, exact, results)}
     lap("merge")
 
-    runs = [(m, s) for m in ADAPTIVE for s in cfg.adapt_schemes if s in stores]
+    runs = [(m, s) for m, s in cfg.adapt_runs if s in stores and m in ADAPTIVE]
     for method, scheme in _bar(runs, "adapt (AdaMerging, Tinting++)", show):
         results.setdefault(method, {})[scheme] = adapt(method, bench, stores[scheme], out / "adapt" / scheme)
     lap("adapt")

@@ -46,16 +46,17 @@ class DemoConfig:
     finetune_lr: float = 1e-4
     finetune_weight_decay: float = 0.0
     schemes: tuple[str, ...] = tuple(SCHEMES)
-    scaling_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
-    alpha_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    # test-time adaptation (unlabelled test images of every task)
-    adapt_schemes: tuple[str, ...] = ("fp32", "tvq4")
-    adamerging_steps: int = 200
+    scaling_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+    alpha_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    # test-time adaptation (unlabelled test images of every task): (method, store) runs
+    adapt_runs: tuple[tuple[str, str], ...] = (("adamerging_task", "fp32"), ("adamerging_layer", "fp32"),
+                                               ("tinting", "fp32"), ("tinting", "tvq4"))
+    adamerging_steps: int = 150
     adamerging_lr: float = 1e-3
     adapt_batch: int = 16
     # an epoch is one step per task (shuffled) in "task" mode (the released code), one step on the
     # tasks' summed losses in "joint" mode (one merge per step instead of T: the demo's choice)
-    tinting_epochs: int = 200
+    tinting_epochs: int = 150
     tinting_step_mode: str = "joint"
     tinting_lr: float = 1e-2
 
@@ -64,5 +65,5 @@ class DemoConfig:
         """Three tasks, small splits, few steps: the whole pipeline in well under two minutes."""
         base = cls(tasks=("shapes", "colours", "digits"), train_size=400, val_size=60, test_size=90,
                    finetune_steps=30, scaling_grid=(0.3, 0.6, 1.0), alpha_grid=(0.3, 1.0),
-                   adapt_schemes=("fp32", "tvq4"), adamerging_steps=10, tinting_epochs=4)
+                   adamerging_steps=10, tinting_epochs=4)
         return replace(base, **overrides)

@@ -19,6 +19,7 @@ class Evaluator:
     def __init__(self, bench: Bench):
         self.bench = bench
         self.top = bench.top().eval()
+        self._stacked: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def task_accuracy(self, params: Mapping[str, Tensor], task: str, split: str = "test",
@@ -31,10 +32,20 @@ class Evaluator:
             correct += int((head(z).argmax(-1) == y[i:i + 1024]).sum())
         return 100.0 * correct / max(len(x), 1)
 
-    def accuracy(self, params: Mapping[str, Tensor], split: str = "test",
-                 tasks: Sequence[str] | None = None) -> dict[str, float]:
-        """One model on every task."""
-        return {t: self.task_accuracy(params, t, split) for t in (tasks or self.bench.tasks)}
+    @torch.no_grad()
+    def accuracy(self, params: Mapping[str, Tensor], split: str = "test") -> dict[str, float]:
+        """One model on every task: one forward over all tasks' inputs (bigger matrix products)."""
+        tasks = self.bench.tasks
+        if split not in self._stacked:
+            self._stacked[split] = torch.cat([self.bench.data[t][split][0] for t in tasks])
+        z = torch.cat([functional_call(self.top, dict(params), (x,)) for x in self._stacked[split].split(4096)])
+        out, start = {}, 0
+        for t in tasks:
+            y = self.bench.data[t][split][1]
+            pred = self.bench.heads[t](z[start:start + len(y)]).argmax(-1)
+            out[t] = 100.0 * int((pred == y).sum()) / max(len(y), 1)
+            start += len(y)
+        return out
 
     def per_task_accuracy(self, models: Mapping[str, Mapping[str, Tensor]], split: str = "test") -> dict[str, float]:
         """Task t's own model on task t."""

@@ -42,7 +42,10 @@ def merged_models(store: TaskVectorStore, bench: Bench, method: str, options: di
 
 
 def _avg_accuracy(ev: Evaluator, models: Callable[[str], Mapping[str, Tensor]], split: str) -> dict[str, float]:
-    return {t: ev.task_accuracy(models(t), t, split) for t in ev.bench.tasks}
+    per_task = [models(t) for t in ev.bench.tasks]
+    if all(m is per_task[0] for m in per_task):      # one model for every task: one batched forward
+        return ev.accuracy(per_task[0], split)
+    return {t: ev.task_accuracy(m, t, split) for t, m in zip(ev.bench.tasks, per_task)}
 
 
 def _scaled(unit: Callable[[str], Mapping[str, Tensor]], pre: Mapping[str, Tensor], lam: float):

@@ -191,7 +191,7 @@ class FineTuneModule(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.encoder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)  # CPU too
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) and total > 0 else None
         warm = self.warmup_steps if total is None else min(self.warmup_steps, int(0.1 * total))
