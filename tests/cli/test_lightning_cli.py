@@ -16,7 +16,8 @@ from tvq_lightning.store import TaskVectorStore
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-NAMES = ["finetune_tiny", "evaluate_tiny", "adamerging_task", "adamerging_layer", "tinting_tiny", "surgery_tiny"]
+NAMES = ["finetune_tiny", "evaluate_tiny", "adamerging_task", "adamerging_layer", "tinting_tiny", "surgery_tiny",
+         "pretrain_tiny_clip"]
 # (config, extra args) in the order configs/README.md gives; max_steps kept small
 PIPELINE = [
     ("finetune_tiny", ["--trainer.max_steps", "20"]),
@@ -63,6 +64,24 @@ def test_config_files_name_their_command():
         assert command(name) in ("fit", "test")
 
 
+def test_pretrain_recipe_runs_and_exports_a_loadable_clip(tmp_path, monkeypatch):
+    """The recipe of the shipped θ0, shrunk: it trains, and its export loads with load_tiny_clip."""
+    from tvq_lightning.models.tiny_clip import load_tiny_clip
+
+    monkeypatch.setenv("TVQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "clip"
+    rc = main(["fit", "-c", str(CONFIGS / "pretrain_tiny_clip.yaml"), "--trainer.max_steps", "2",
+               "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+               "--data.init_args.num_samples", "64", "--data.init_args.batch_size", "16",
+               "--model.init_args.export_dir", str(out)])
+    assert rc == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["recipe"]["steps"] == 2 and meta["recipe"]["num_samples"] == 64
+    clip = load_tiny_clip(out)
+    shipped = json.loads((ROOT / "tvq_lightning" / "assets" / "tiny_clip" / "config.json").read_text())
+    assert clip.config == shipped["model"]          # the recipe builds the shipped architecture
+
+
 def test_every_config_runs_in_order(pipeline, workdir):
     assert [rc for _, rc in pipeline] == [0] * len(PIPELINE), pipeline
     tiny = workdir / "runs" / "tiny"
@@ -90,6 +109,9 @@ def test_print_config_round_trips(name, workdir, tvq):
     assert again.rc == 0, again.err
     assert again.out == first.out
     cfg = yaml.safe_load(first.out)
+    if name == "pretrain_tiny_clip":                          # image-caption pairs: no task list
+        assert cfg["data"]["class_path"].endswith("CaptionPairs")
+        return
     assert cfg["data"]["init_args"]["tasks"] == ["a", "b"]
     assert "tasks" not in cfg["model"]["init_args"]            # a link target: given once, on the data
 
