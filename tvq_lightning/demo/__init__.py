@@ -10,9 +10,10 @@ Phases (each timed in ``report.json``):
 3. ``stores``: FQ-INT8/4, TVQ-INT8/3/2, RTVQ B3O2 and the budget store (``--budget 2.5``,
    per-tensor widths) from the FP32 store's exact task vectors; bytes on disk, reconstruction
    errors, the range ratio;
-4. ``merge``: individual models and every data-free method on every store, λ on validation;
-5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on the FP32 store, Tinting++
-   also on the TVQ-INT4 store (``DemoConfig.adapt_runs``);
+4. ``merge``: individual models and task arithmetic on every store, every data-free method on
+   ``DemoConfig.all_methods_schemes``; λ chosen on validation with the FP32 store;
+5. ``adapt``: AdaMerging (task- and layer-wise) and Model Tinting++ on the FP32 store
+   (``DemoConfig.adapt_runs``; the quick variant also adapts on the TVQ-INT4 store);
 6. ``report``: ``report.md``, ``report.json`` and the plots in ``--out`` (default ``runs/demo``).
 
 The output folder is built next to ``--out`` and swapped in when complete.
@@ -84,6 +85,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         result,
     )
     from .finetune import build_joint_stores, finetune_task
+    from .config import MERGE_METHODS
     from .merges import merge_all
     from .report import machine
 
@@ -123,7 +125,8 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
                                              [k for k in quantized.keys if quantized.layout.keys[k].quantized])
     lap("stores")
 
-    bar = _bar(range(len(stores) * 7), "merge (λ on validation)", show)
+    full = [s for s in stores if s in cfg.all_methods_schemes]
+    bar = _bar(range(len(full) * len(MERGE_METHODS) + len(stores) - len(full)), "merge (λ on validation)", show)
     results.update(merge_all(stores, bench, ev, progress=lambda _: bar.update(1)))
     bar.close()
     analysis = {"task_arithmetic_loss": _ta_loss(bench, ev, exact, results)}

@@ -46,11 +46,13 @@ class DemoConfig:
     finetune_lr: float = 1e-4
     finetune_weight_decay: float = 0.0
     schemes: tuple[str, ...] = tuple(SCHEMES)
+    # every data-free method runs on these stores; the others get individual + task arithmetic
+    all_methods_schemes: tuple[str, ...] = ("fp32", "tvq4", "tvq2", "rtvq_b3o2")
     scaling_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
     alpha_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     # test-time adaptation (unlabelled test images of every task): (method, store) runs
     adapt_runs: tuple[tuple[str, str], ...] = (("adamerging_task", "fp32"), ("adamerging_layer", "fp32"),
-                                               ("tinting", "fp32"), ("tinting", "tvq4"))
+                                               ("tinting", "fp32"))
     adamerging_steps: int = 150
     adamerging_lr: float = 1e-3
     adapt_batch: int = 16
@@ -65,5 +67,6 @@ class DemoConfig:
         """Three tasks, small splits, few steps: the whole pipeline in well under two minutes."""
         base = cls(tasks=("shapes", "colours", "digits"), train_size=400, val_size=60, test_size=90,
                    finetune_steps=30, scaling_grid=(0.3, 0.6, 1.0), alpha_grid=(0.3, 1.0),
-                   adamerging_steps=10, tinting_epochs=4)
+                   adamerging_steps=10, tinting_epochs=4, adapt_runs=(("adamerging_task", "fp32"),
+                   ("adamerging_layer", "fp32"), ("tinting", "fp32"), ("tinting", "tvq4")))
         return replace(base, **overrides)

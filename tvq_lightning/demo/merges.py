@@ -98,7 +98,8 @@ def merge_all(stores: Mapping[str, Path], bench: Bench, ev: Evaluator, progress=
     for scheme in order:
         store = TaskVectorStore(stores[scheme])
         results["individual"][scheme] = result(ev.per_task_accuracy(individual_models(store, pre, bench.tasks)))
-        for method in MERGE_METHODS:
+        methods = MERGE_METHODS if scheme in bench.cfg.all_methods_schemes else ("task_arithmetic",)
+        for method in methods:
             chosen = results.get(method, {}).get("fp32", {}).get("value")
             results.setdefault(method, {})[scheme] = merge_method(store, bench, ev, method, chosen)
             if progress is not None:
