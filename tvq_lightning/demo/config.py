@@ -53,12 +53,12 @@ class DemoConfig:
     # test-time adaptation (unlabelled test images of every task): (method, store) runs
     adapt_runs: tuple[tuple[str, str], ...] = (("adamerging_task", "fp32"), ("adamerging_layer", "fp32"),
                                                ("tinting", "fp32"))
-    adamerging_steps: int = 150
+    adamerging_steps: int = 120
     adamerging_lr: float = 1e-3
     adapt_batch: int = 16
     # an epoch is one step per task (shuffled) in "task" mode (the released code), one step on the
     # tasks' summed losses in "joint" mode (one merge per step instead of T: the demo's choice)
-    tinting_epochs: int = 150
+    tinting_epochs: int = 120
     tinting_step_mode: str = "joint"
     tinting_lr: float = 1e-2
 
