@@ -56,15 +56,19 @@ class MergeKey(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         packed: PackedTaskVectors = ctx.packed
-        dlam = None
-        if ctx.needs_input_grad[0]:
-            g = grad.reshape(-1).to(torch.float32)
-            dlam = torch.zeros(len(packed.tasks), dtype=torch.float32, device=grad.device)
-            for t, tau in packed.iter_task_vectors(ctx.key):   # decoded again: nothing was saved
-                dlam[t] = torch.dot(g, tau.reshape(-1))
-            dlam = dlam.to(ctx.coeff_dtype)
+        dlam = coefficient_grad(packed, ctx.key, grad).to(ctx.coeff_dtype) if ctx.needs_input_grad[0] else None
         dtheta = grad.to(ctx.theta_dtype) if ctx.needs_input_grad[1] else None
         return dlam, dtheta, None, None
+
+
+def coefficient_grad(packed: PackedTaskVectors, key: str, grad: Tensor) -> Tensor:
+    """``d lambda_t = <grad, tau_t>`` (float32, one entry per task) for the weight gradient ``grad``
+    of ``key``; each tau_t is decoded again, one at a time (nothing was saved)."""
+    g = grad.reshape(-1).to(torch.float32)
+    dlam = torch.zeros(len(packed.tasks), dtype=torch.float32, device=grad.device)
+    for t, tau in packed.iter_task_vectors(key):
+        dlam[t] = torch.dot(g, tau.reshape(-1))
+    return dlam
 
 
 def base_tensors(encoder: nn.Module) -> dict[str, Tensor]:

@@ -11,10 +11,12 @@ non-persistent buffers). With ``checkpoint_tasks=True`` (the default) every task
 through the encoder in ONE pass (concatenated: the frozen eval-mode encoder treats samples
 independently) whose weights are merged block by block inside the forward
 (:class:`~..adapt.streamed.StreamedEncoder`): each block's merged weights exist only while it runs
-and are rebuilt, with its activations, in backward, where each weight gradient becomes a
-coefficient gradient at once. Besides theta_0 and the packed codes the step then holds one
-block's weights and activations plus each block's input. ``checkpoint_tasks=False`` merges the
-whole encoder once per step (:func:`~..adapt.merge_fn.merged_params`) and keeps every task's
+and are rebuilt, with its activations, in backward, where the weight gradients become
+coefficient gradients. Each block runs (and is rebuilt) on one task's share of the batch at a
+time, and the concatenated batch is not kept for backward (the tasks' own batches are:
+:func:`~..adapt.streamed.saved_as_parts`). Besides theta_0 and the packed codes the step then
+holds one block's weights and weight gradients, one share's activations of that block, and each
+block's input. ``checkpoint_tasks=False`` merges the whole encoder once per step (:func:`~..adapt.merge_fn.merged_params`) and keeps every task's
 activations: faster, but two more fp32 copies of the model (the merged weights and their
 gradients) and all activations. Either way the merge decodes in forward and again in backward
 and is shared by every task of the step. The encoder and heads are frozen and in eval mode.
@@ -39,12 +41,17 @@ from torch.func import functional_call
 
 from ..adapt.merge_fn import base_tensors, merged_params
 from ..adapt.packed import PackedTaskVectors
-from ..adapt.streamed import StreamedEncoder
+from ..adapt.streamed import StreamedEncoder, saved_as_parts
 from ..errors import FingerprintMismatch, TvqError
 from ..merging.methods.ties import TiesConfig
 from ..models.multitask import MultiTaskModel
 from ..store.reader import TaskVectorStore
-from ._multitask_eval import MultiTaskEvalMixin, prepare_encoder, resolve_heads, softmax_entropy
+from ._multitask_eval import (
+    MultiTaskEvalMixin,
+    prepare_encoder,
+    resolve_heads,
+    softmax_entropy,
+)
 
 COEFF_FORMAT = "tvq_lightning.adamerging_coefficients"
 GRANULARITIES = ("task", "layer")
@@ -158,10 +165,14 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         if not self.hparams.checkpoint_tasks:
             params = self.merged_params()
             return [functional_call(encoder, params, (x,)) for x in images]
-        streamed, lam = StreamedEncoder(encoder, self.packed), self.lambdas()
+        lam = self.lambdas()
         if len({(x.shape[1:], x.dtype, x.device) for x in images}) > 1:   # cannot share one batch
-            return [streamed(lam, x) for x in images]
-        return list(streamed(lam, torch.cat(images)).split([len(x) for x in images]))
+            return [StreamedEncoder(encoder, self.packed)(lam, x) for x in images]
+        # one pass over every task's images; each block runs (and is recomputed) one task's share at a time
+        streamed, batch = StreamedEncoder(encoder, self.packed, chunk=max(len(x) for x in images)), torch.cat(images)
+        with saved_as_parts(batch, images):   # the patch embedding keeps the task batches, not their copy
+            out = streamed(lam, batch)
+        return list(out.split([len(x) for x in images]))
 
     # -- Lightning ------------------------------------------------------------------------------
     def train(self, mode: bool = True):
