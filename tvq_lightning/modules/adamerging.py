@@ -17,9 +17,10 @@ time, and the concatenated batch is not kept for backward (the tasks' own batche
 :func:`~..adapt.streamed.saved_as_parts`). Besides theta_0 and the packed codes the step then
 holds one block's weights and weight gradients, one share's activations of that block, and each
 block's input. ``checkpoint_tasks=False`` merges the whole encoder once per step
-(:func:`~..adapt.merge_fn.merged_params`) and keeps every task's activations: faster, but two more fp32 copies of the model (the merged weights and their
-gradients) and all activations. Either way the merge decodes in forward and again in backward
-and is shared by every task of the step. The encoder and heads are frozen and in eval mode.
+(:func:`~..adapt.merge_fn.merged_params`) and keeps every task's activations: faster, but two
+more fp32 copies of the model (the merged weights and their gradients) and all activations.
+Either way the merge decodes in forward and again in backward and is shared by every task of the
+step. The encoder and heads are frozen and in eval mode.
 
 DDP: the coefficients are this module's only trainable ``nn.Parameter``, all used every step, so
 DDP all-reduces their gradients without ``find_unused_parameters`` and every rank keeps identical
