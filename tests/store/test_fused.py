@@ -22,10 +22,15 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _build(weights, out: Path, cfg: StoreConfig, use_fused: bool, monkeypatch, chunk: int = 64) -> dict[str, bytes]:
     calls = []
-    real = fused.encode_key
+
+    class Recording(fused.KeyJob):  # what the writer starts per fused key
+        def __init__(self, *a, **k):
+            calls.append(a[0])
+            super().__init__(*a, **k)
+
     monkeypatch.setattr(fused, "CHUNK", chunk)  # several chunks per key, cut into one part per thread
     monkeypatch.setattr(fused, "STAGE_BYTES", 40)  # several writes per part
-    monkeypatch.setattr(fused, "encode_key", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(fused, "KeyJob", Recording)
     monkeypatch.setattr(fused, "eligible", fused.eligible if use_fused else lambda *a: False)
     quantize_to_store(weights.pre, dict(zip(weights.names, weights.fts)), out, cfg, progress=False)
     assert bool(calls) == use_fused

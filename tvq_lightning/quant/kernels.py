@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -319,8 +320,7 @@ def range_of(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> tuple
     ranges, instead of being written to memory and read back (see ``store.fused``). Needs numba.
     """
     _check_range(a, b, start, end)
-    lo, hi, finite = _sub_minmax_nb(a, b, None, start, end)
-    return float(lo), float(hi), bool(finite)
+    return tuple(f(v) for f, v in zip((float, float, bool), _sub_minmax_nb(a, b, None, start, end)))
 
 
 def _check_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> None:
@@ -341,8 +341,7 @@ def qpack_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int, s: fl
     nbytes = ((end - start) * bits + 7) // 8
     if start % 8 or out.size < nbytes:
         raise ValueError(f"qpack_range: start {start} is not a multiple of 8 or out has fewer than {nbytes} bytes")
-    _qpack_nb(a, b, start, end, np.float32(s), np.float32(z),
-              np.float32((1 << bits) - 1), bits, out)
+    _qpack_nb(a, b, start, end, np.float32(s), np.float32(z), np.float32((1 << bits) - 1), bits, out)
     return nbytes
 
 
@@ -361,8 +360,7 @@ def unpack_dequantize(packed: Tensor, z: Tensor, scale: Tensor, bits: int, numel
     return True
 
 
-_POOL = None
-_POOL_LOCK = threading.Lock()
+_POOL, _POOL_LOCK = None, threading.Lock()
 
 
 def num_workers() -> int:
@@ -371,19 +369,25 @@ def num_workers() -> int:
     return max(1, int(env)) if env else max(1, torch.get_num_threads())
 
 
-def parallel_map(fn, items):
-    """``[fn(x) for x in items]`` on a shared thread pool (the kernels release the GIL)."""
-    items = list(items)
-    workers = num_workers()
-    if workers == 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    global _POOL
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL  # noqa: PLW0603
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers != workers:
-            from concurrent.futures import ThreadPoolExecutor
-
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="tvq")
-    return list(_POOL.map(fn, items))
+        return _POOL
+
+
+def parallel_map(fn, items):
+    """``[fn(x) for x in items]`` on a shared thread pool (the kernels release the GIL)."""
+    items, workers = list(items), num_workers()
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(workers).map(fn, items))
+
+
+def submit(fn, *args) -> Future:
+    """``fn(*args)`` queued on the shared pool (first in, first out)."""
+    return _pool(num_workers()).submit(fn, *args)
 
 
 def code_histogram(packed: Tensor, bits: int, numel: int) -> Tensor | None:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from tvq_lightning.errors import CheckpointError
+from tvq_lightning.store.mmap_util import PageReleaser
 
 __all__ = ["LazyStateDict", "common_prefixes", "load_state_dict", "open_checkpoint", "read_safetensors_header"]
 
@@ -81,9 +82,6 @@ def _check_file(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file; check the path")
     return p
-
-
-# --------------------------------------------------------------------------- safetensors
 
 
 def _truncated(path: Path, detail: str) -> CheckpointError:
@@ -162,6 +160,7 @@ class _SafetensorsSource:
         self.entries, self.metadata, self.data_start = read_safetensors_header(path)
         with open(path, "rb") as f:  # the header check guarantees a non-empty file
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._pages = PageReleaser(self.mm)
 
     def meta(self, key: str) -> tuple[Shape, torch.dtype]:
         e = self.entries[key]
@@ -182,24 +181,20 @@ class _SafetensorsSource:
         t = t.view(shape)
         return t.clone() if offset % dtype.itemsize else t
 
-    def release(self) -> None:
-        """Drop the mapping's resident pages (they are re-read from the page cache on access).
-
-        The mapping is private and never written, so every tensor handed out stays valid: its
-        pages simply fault in again. Streaming passes call this after each key so that resident
-        memory does not grow with the bytes read.
-        """
-        if hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self.mm.madvise(mmap.MADV_DONTNEED)
+    def release(self, key: str | None = None) -> None:
+        """Drop the resident pages of the mapping, or of ``key``'s data (:mod:`.mmap_util`); tensors
+        stay valid (never written, their pages fault in again). Keeps streaming passes' RSS bounded."""
+        if key is None:
+            self._pages.release()
+        else:
+            begin, end = self.entries[key]["data_offsets"]
+            self._pages.release(self.data_start + begin, self.data_start + end)
 
     def _copy(self, key: str) -> torch.Tensor:
         from safetensors import safe_open  # slow path only: big-endian hosts, odd buffers
 
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
             return f.get_tensor(key)
-
-
-# --------------------------------------------------------------------------- torch.load
 
 
 class _DictSource:
@@ -272,9 +267,6 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# --------------------------------------------------------------------------- mapping
-
-
 def common_prefixes(keys: Iterable[str], max_depth: int = 3) -> list[str]:
     """Dotted key prefixes (``"model."``, ``"model.encoder."``, ...) up to ``max_depth`` parts.
 
@@ -328,10 +320,10 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         """``(shape, dtype)`` of ``key`` without reading its data."""
         return self._open_source().meta(self._key_map[key])
 
-    def release(self) -> None:
-        """Let go of resident pages of a memory-mapped file (no-op for other formats)."""
+    def release(self, key: str | None = None) -> None:
+        """Let go of resident pages of a memory-mapped file, or of ``key``'s (no-op for other formats)."""
         if self._source is not None and hasattr(self._source, "release"):
-            self._source.release()
+            self._source.release(None if key is None else self._key_map[key])
 
     @property
     def closed(self) -> bool:

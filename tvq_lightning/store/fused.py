@@ -13,13 +13,14 @@ which is therefore read from memory once for all tasks:
 
 Forming the difference twice costs less than storing it: per task the passes stream theta_t twice,
 where subtract-store-reload moves about five times its size. The key is cut into one part per
-worker thread (:func:`~..quant.kernels.parallel_map`). theta_0's CRC-32 (its fingerprint entry) is
+worker thread (:func:`~..quant.kernels.submit`). theta_0's CRC-32 (its fingerprint entry) is
 taken chunk by chunk while the chunk is in cache: the first part's during pass 1, the rest during
 pass 2, continuing from the first part's value, so both threads share that work. The bytes written
 are identical to ``QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)``.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import zlib
 from collections.abc import Sequence
@@ -29,12 +30,14 @@ import torch
 from torch import Tensor
 
 from ..quant.affine import affine_params
-from ..quant.kernels import num_workers, numba_enabled, parallel_map, qpack_range, range_of
+from ..quant.kernels import num_workers, numba_enabled, qpack_range, range_of, submit
 from ..quant.qtensor import CODES, SCALE, ZERO
+from .checkpoints import LazyStateDict
 from .encode import non_finite
 from .fingerprint import entry_with_crc
 from .io import SafetensorsStreamWriter
 from .layout import KeyInfo, StoreConfig
+from .sources import Source
 
 CHUNK = 1 << 18  #: elements per cache block (1 MiB of theta_0, in cache while every task uses it)
 STAGE_BYTES = 1 << 20  #: packed bytes gathered per task before a write
@@ -70,15 +73,39 @@ def encode_key(key: str, pretrained: Tensor, finetuned: Sequence[Tensor], labels
     Raises :class:`~..errors.NonFiniteError` for NaN / Inf. Returns theta_0's fingerprint entry
     (:func:`.fingerprint.tensor_entry`) when ``crc``, else None.
     """
-    b = pretrained.reshape(-1).numpy()
-    tasks = [f.reshape(-1).numpy() for f in finetuned]
-    raw = memoryview(b.view(np.uint8)) if crc else None
-    parts = _parts(info.numel, num_workers())
-    last = len(parts) - 1
+    job = KeyJob(key, pretrained, finetuned, labels, info, cfg, writers, crc)
+    try:
+        job.reserve()
+        return job.finish()
+    finally:
+        job.wait()
 
-    def ranges(part: int) -> tuple[list[float], list[float], list[bool], int]:
+
+class KeyJob:
+    """:func:`encode_key` in three steps, so that a caller can overlap keys and its own work.
+
+    Created, it queues the range pass on the shared pool (:func:`~..quant.kernels.submit`);
+    :meth:`reserve` waits for it, reserves the key's tensors in every task file (the one step that
+    must follow the files' order) and queues the codes pass; :meth:`finish` waits for that and
+    returns the fingerprint entry. :meth:`wait` waits for whatever is queued, raising nothing.
+    """
+
+    def __init__(self, key: str, pretrained: Tensor, finetuned: Sequence[Tensor], labels: Sequence[str],
+                 info: KeyInfo, cfg: StoreConfig, writers: Sequence[SafetensorsStreamWriter], crc: bool):
+        self.key, self.pretrained, self.labels, self.info, self.writers = key, pretrained, labels, info, writers
+        self.b = pretrained.reshape(-1).numpy()
+        self.tasks = [f.reshape(-1).numpy() for f in finetuned]
+        self.raw = memoryview(self.b.view(np.uint8)) if crc else None
+        self.parts = _parts(info.numel, num_workers())
+        self.last = len(self.parts) - 1
+        self.spec = cfg.spec(info.bits)
+        self._codes: list = []
+        self._ranges = [submit(self._range_part, p) for p in range(len(self.parts))]
+
+    def _range_part(self, part: int) -> tuple[list[float], list[float], list[bool], int]:
+        b, tasks, raw = self.b, self.tasks, self.raw
         lo, hi, finite, c = [np.inf] * len(tasks), [-np.inf] * len(tasks), [True] * len(tasks), 0
-        for c0, c1 in _chunks(*parts[part]):
+        for c0, c1 in _chunks(*self.parts[part]):
             for t, a in enumerate(tasks):
                 tlo, thi, tfin = range_of(a, b, c0, c1)
                 lo[t], hi[t], finite[t] = min(lo[t], tlo), max(hi[t], thi), finite[t] and tfin
@@ -86,42 +113,51 @@ def encode_key(key: str, pretrained: Tensor, finetuned: Sequence[Tensor], labels
                 c = zlib.crc32(raw[4 * c0:4 * c1], c)
         return lo, hi, finite, c
 
-    found = parallel_map(ranges, range(len(parts)))
-    lo = [min(f[0][t] for f in found) for t in range(len(tasks))]
-    hi = [max(f[1][t] for f in found) for t in range(len(tasks))]
-    for t in range(len(tasks)):
-        if not all(f[2][t] for f in found):
-            raise non_finite(labels[t], key)
-    spec = cfg.spec(info.bits)
-    s, z, scale = affine_params(torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32), spec)
-    active = [t for t in range(len(tasks)) if not (lo[t] == 0.0 and hi[t] == 0.0)]
-    nbytes = (info.numel * spec.bits + 7) // 8
-    offsets = {}
-    for t in active:
-        offsets[t] = writers[t].reserve(key + CODES, "U8", [nbytes], nbytes)
-        writers[t].add(key + ZERO, z[t:t + 1].to(torch.int32))
-        writers[t].add(key + SCALE, scale[t:t + 1])
-    sv, zv = s.tolist(), z.tolist()
+    def reserve(self) -> None:
+        found = self.found = [f.result() for f in self._ranges]
+        n, key = len(self.tasks), self.key
+        lo = [min(f[0][t] for f in found) for t in range(n)]
+        hi = [max(f[1][t] for f in found) for t in range(n)]
+        for t in range(n):
+            if not all(f[2][t] for f in found):
+                raise non_finite(self.labels[t], key)
+        s, z, scale = affine_params(torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32), self.spec)
+        self.active = [t for t in range(n) if not (lo[t] == 0.0 and hi[t] == 0.0)]
+        nbytes = (self.info.numel * self.spec.bits + 7) // 8
+        self.offsets = {}
+        for t in self.active:
+            self.offsets[t] = self.writers[t].reserve(key + CODES, "U8", [nbytes], nbytes)
+            self.writers[t].add(key + ZERO, z[t:t + 1].to(torch.int32))
+            self.writers[t].add(key + SCALE, scale[t:t + 1])
+        self.sv, self.zv = s.tolist(), z.tolist()
+        self._codes = [submit(self._codes_part, p) for p in range(len(self.parts))]
 
-    def codes(part: int) -> int:
-        c = found[0][3]
+    def _codes_part(self, part: int) -> int:
+        b, raw, bits, last, parts, writers = self.b, self.raw, self.spec.bits, self.last, self.parts, self.writers
+        c = self.found[0][3]
         if raw is not None and part == last > 0:  # parts 1 .. last-1 (none with two threads)
             c = zlib.crc32(raw[4 * parts[0][1]:4 * parts[last][0]], c)
         start, end = parts[part]
-        most = CHUNK * spec.bits // 8 + 1  # packed bytes of one chunk, at most
-        stage = _Stage(len(tasks), min((end - start) * spec.bits // 8 + 1, max(STAGE_BYTES, most)))
+        most = CHUNK * bits // 8 + 1  # packed bytes of one chunk, at most
+        stage = _Stage(len(self.tasks), min((end - start) * bits // 8 + 1, max(STAGE_BYTES, most)))
         for c0, c1 in _chunks(start, end):
-            for t in active:
-                buf = stage.room(t, most, writers[t], offsets[t] + start * spec.bits // 8)
-                stage.used[t] += qpack_range(tasks[t], b, c0, c1, sv[t], zv[t], spec.bits, buf)
+            for t in self.active:
+                buf = stage.room(t, most, writers[t], self.offsets[t] + start * bits // 8)
+                stage.used[t] += qpack_range(self.tasks[t], b, c0, c1, self.sv[t], self.zv[t], bits, buf)
             if raw is not None and part == last > 0:
                 c = zlib.crc32(raw[4 * c0:4 * c1], c)
-        for t in active:
-            stage.flush(t, writers[t], offsets[t] + start * spec.bits // 8)
+        for t in self.active:
+            stage.flush(t, writers[t], self.offsets[t] + start * bits // 8)
         return c
 
-    c = parallel_map(codes, range(len(parts)))[last]
-    return entry_with_crc(pretrained, c) if crc else None
+    def finish(self) -> tuple | None:
+        c = [f.result() for f in self._codes][self.last]
+        return entry_with_crc(self.pretrained, c) if self.raw is not None else None
+
+    def wait(self) -> None:
+        for f in self._ranges + self._codes:
+            with contextlib.suppress(BaseException):
+                f.result()
 
 
 class _Stage:
@@ -149,3 +185,59 @@ class _Stage:
         writer.write_at(offset + self.written[t], self.bufs[t][:self.used[t]])
         self.written[t] += self.used[t]
         self.used[t] = 0
+
+
+class Pipeline:
+    """Keys of :func:`.writer._encode_all` whose tensors are reserved in the task files later, in key order.
+
+    A :class:`KeyJob` is reserved once the next one is queued (its range pass has run
+    meanwhile) and finished once the one after is reserved, so the pool always has work queued;
+    small keys computed meanwhile are written right after the key before them. A finished
+    key's mapped pages are dropped on the pool (:meth:`.checkpoints.LazyStateDict.release`).
+    """
+
+    def __init__(self, sources: list[Source], fingerprint: dict[str, tuple] | None):
+        self.sources, self.fingerprint = [s.sd for s in sources if isinstance(s.sd, LazyStateDict)], fingerprint
+        self.queued: list[tuple[str, object, list]] = []  # (key, KeyJob or small key's entry, small key's parts)
+        self.running: list[tuple[str, KeyJob]] = []  # reserved, codes pass queued
+        self.all: list[KeyJob] = []
+
+    def fused(self, key: str, job: KeyJob) -> None:
+        self.all.append(job)
+        self._reserve()
+        self._finish(keep=1)
+        self.queued.append((key, job, []))
+
+    def small(self, key: str, entry: tuple | None, parts: list) -> None:
+        self.queued.append((key, entry, parts))
+
+    def drain(self) -> None:
+        """Reserve and finish everything queued (before a key encoded the plain way)."""
+        self._reserve()
+        self._finish(keep=0)
+
+    def wait(self) -> None:
+        """Wait for the pool's work on every job (on errors: before the files are closed)."""
+        for job in self.all:
+            job.wait()
+
+    def _reserve(self) -> None:
+        for key, job, parts in self.queued:
+            if isinstance(job, KeyJob):
+                job.reserve()
+                self.running.append((key, job))
+            else:
+                for w, named in parts:
+                    w.add_all(named)
+                if self.fingerprint is not None:
+                    self.fingerprint[key] = job
+        self.queued = []
+
+    def _finish(self, keep: int) -> None:
+        while len(self.running) > keep:
+            key, job = self.running.pop(0)
+            entry = job.finish()
+            if self.fingerprint is not None:
+                self.fingerprint[key] = entry
+            for sd in self.sources:
+                submit(sd.release, key)

@@ -135,6 +135,11 @@ class SafetensorsStreamWriter:
         data = tensor_bytes(tensor)
         self.write_at(self.reserve(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), data.nbytes), data)
 
+    def add_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """:meth:`add` each of ``tensors`` (name -> tensor), in order."""
+        for name, tensor in tensors.items():
+            self.add(name, tensor)
+
     def close(self) -> int:
         """Write the header and rename into place (fsync first if durable); returns the file size."""
         header = dict(self._entries)

@@ -120,9 +120,10 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
 
     Tasks of one key are encoded in parallel threads (the kernels release the GIL); task ``i``'s
     file is only appended to by the thread handling task ``i`` of the current key. Per-tensor TVQ
-    of float32 weights takes the cache-blocked path of :mod:`.fused` instead. When
-    ``fingerprint`` is a dict, theta_0's per-key fingerprint entries are computed in the same
-    pool, alongside the tasks, instead of in a separate pass over theta_0.
+    of float32 weights takes the cache-blocked path of :mod:`.fused` instead, pipelined
+    (:class:`.fused.Pipeline`): while the pool works on those keys, this thread encodes the small keys
+    and the pool drops the finished keys' mapped pages. When ``fingerprint`` is a dict, theta_0's
+    per-key fingerprint entries are computed alongside, not in a separate pass over theta_0.
     """
     tasks = list(range(len(fts)))
     jobs = tasks + ([-1] if fingerprint is not None else [])
@@ -130,51 +131,59 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
     # RTVQ needs every task's vector of a key at once: one reusable buffer per task (no page faults)
     biggest = max((i.numel for i in infos.values() if i.quantized), default=0)
     rtvq_bufs = [torch.empty(biggest) for _ in tasks] if cfg.scheme == "rtvq" and frozen_base is None else []
-    for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
-        info = infos[k]
-        p = pre.sd[k]
-        if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
-            def decode(i: int):
-                if i < 0:
-                    fingerprint[k] = tensor_entry(p)
-                    return None
-                return task_vector_into(fts[i].sd[k], p, rtvq_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
+    pipe = fused.Pipeline([pre, *fts], fingerprint)
+    try:
+        for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
+            info = infos[k]
+            p = pre.sd[k]
+            if frozen_base is None and fused.eligible(cfg, info, tensors := [p, *(f.sd[k] for f in fts)]):
+                pipe.fused(k, fused.KeyJob(k, p, tensors[1:], [f.label for f in fts], info, cfg, task_writers,
+                                           fingerprint is not None))
+                continue
+            if cfg.scheme != "rtvq" and frozen_base is None and info.numel < _SMALL:  # in order, after the pool's keys
+                entry = tensor_entry(p) if fingerprint is not None else None
+                res = [task_vector_into(f.sd[k], p, torch.empty(info.shape), label=f.label, key=k) for f in fts]
+                pipe.small(k, entry, [(w, encode_single(*r, info, cfg, k, finetuned=f.sd[k]))
+                                      for w, f, r in zip(task_writers, fts, res)])
+                continue
+            pipe.drain()
+            if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
+                def decode(i: int):
+                    if i < 0:
+                        fingerprint[k] = tensor_entry(p)
+                        return None
+                    return task_vector_into(fts[i].sd[k], p, rtvq_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
 
-            res = _map(decode, jobs, info.numel)[: len(tasks)]
-            base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
-            for name, t in base.items():
-                base_writer.add(name, t)
-            for w, parts in zip(task_writers, offsets):
-                for name, t in parts.items():
-                    w.add(name, t)
-        elif frozen_base is None and fused.eligible(cfg, info, tensors := [p, *(f.sd[k] for f in fts)]):
-            entry = fused.encode_key(k, p, tensors[1:], [f.label for f in fts], info, cfg, task_writers, fingerprint is not None)
-            if fingerprint is not None:
-                fingerprint[k] = entry
-        else:
-            base_hat = None
-            if frozen_base is not None and info.quantized:
-                bq = frozen_base.base_qtensor(k)
-                base_hat = bq.dequantize() if bq is not None else None
-
-            def work(i: int) -> None:
-                if i < 0:
-                    fingerprint[k] = tensor_entry(p)
-                    return
-                f, w = fts[i], task_writers[i]
-                tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
+                res = _map(decode, jobs, info.numel)[: len(tasks)]
+                base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
+                for w, named in [(base_writer, base), *zip(task_writers, offsets)]:
+                    w.add_all(named)
+            else:
+                base_hat = None
                 if frozen_base is not None and info.quantized:
-                    parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
-                else:
-                    parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
-                for name, t in parts.items():
-                    w.add(name, t)
+                    bq = frozen_base.base_qtensor(k)
+                    base_hat = bq.dequantize() if bq is not None else None
 
-            _map(work, jobs, info.numel)
-        released += 4 * info.numel * (len(fts) + 1)
-        if released > _RELEASE_BYTES:
-            _release(pre, fts)
-            released = 0
+                def work(i: int) -> None:
+                    if i < 0:
+                        fingerprint[k] = tensor_entry(p)
+                        return
+                    f, w = fts[i], task_writers[i]
+                    tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
+                    if frozen_base is not None and info.quantized:
+                        parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
+                    else:
+                        parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
+                    w.add_all(parts)
+
+                _map(work, jobs, info.numel)
+            released += 4 * info.numel * (len(fts) + 1)
+            if released > _RELEASE_BYTES:
+                _release(pre, fts)
+                released = 0
+        pipe.drain()
+    finally:
+        pipe.wait()
     _release(pre, fts)
 
 
