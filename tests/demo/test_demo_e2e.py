@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _demo_helpers import isolated_cache
 
 from tvq_lightning.cli.main import main
 from tvq_lightning.demo.config import MERGE_METHODS, SCHEMES, DemoConfig
@@ -15,13 +16,9 @@ ADAPTIVE = ("adamerging_task", "adamerging_layer", "tinting")
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TVQ_CACHE_DIR", str(root / "cache"))
-    try:
-        out = root / "out"
+    out = root / "out"
+    with isolated_cache(root):
         assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
-    finally:
-        mp.undo()
     return out, json.loads((out / "report.json").read_text())
 
 
