@@ -77,9 +77,9 @@ def test_merge_saves_no_tensors_and_decodes_twice(stores, monkeypatch):
     calls = []
     orig = PackedTaskVectors.iter_task_vectors
 
-    def counting(self, key, tasks=None):
+    def counting(self, key, tasks=None, readonly=False):
         calls.append(key)
-        return orig(self, key, tasks)
+        return orig(self, key, tasks, readonly)
 
     monkeypatch.setattr(PackedTaskVectors, "iter_task_vectors", counting)
     saved = []

@@ -27,6 +27,20 @@ def test_dequantize_equals_store(stores, scheme):
             assert torch.equal(packed.dequantize(key, t), ref[t]), (key, t)
 
 
+def test_readonly_vectors_share_the_buffers_and_default_ones_are_copies(stores):
+    packed = PackedTaskVectors(TaskVectorStore(stores.paths["fp32"]), stores.pre)
+    key = "blocks.0.linear1.weight"
+    fresh = dict(packed.iter_task_vectors(key))
+    shared = dict(packed.iter_task_vectors(key, readonly=True))
+    assert fresh.keys() == shared.keys() and fresh
+    buffers = {b.data_ptr() for b in packed.buffers()}
+    for t in fresh:
+        assert torch.equal(fresh[t], shared[t])
+        assert shared[t].data_ptr() in buffers and fresh[t].data_ptr() not in buffers
+        fresh[t].zero_()                                    # the caller may modify a fresh one
+    assert all(torch.equal(a, b) for a, b in zip(shared.values(), dict(packed.iter_task_vectors(key)).values()))
+
+
 def test_zero_task_vectors_hold_nothing(stores):
     st = TaskVectorStore(stores.paths["tvq"])
     packed = PackedTaskVectors(st, stores.pre)

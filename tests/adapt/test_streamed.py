@@ -68,7 +68,7 @@ def test_units_and_decode_counts(stores, monkeypatch, chunk):
     assert unit_keys | outer == {k for k in packed.keys if packed.has_vector(k)}
     calls = []
     orig = PackedTaskVectors.iter_task_vectors
-    monkeypatch.setattr(PackedTaskVectors, "iter_task_vectors", lambda self, key, tasks=None: calls.append(key) or orig(self, key, tasks))
+    monkeypatch.setattr(PackedTaskVectors, "iter_task_vectors", lambda self, key, tasks=None, readonly=False: calls.append(key) or orig(self, key, tasks, readonly))
     coeffs = torch.full((T,), 0.3, requires_grad=True)
     out = streamed(coeffs, _images())
     assert sorted(calls) == sorted(unit_keys | outer)

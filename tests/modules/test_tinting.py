@@ -111,6 +111,27 @@ def test_pseudo_labels_cached_once(assets, monkeypatch):
         assert torch.allclose(m.expert_conf[t], conf, atol=1e-5)
 
 
+def test_joint_head_tint_shares_one_encoder_pass(assets):
+    """Joint steps with head tints run every task's images through one (streamed) encoder pass:
+    the same losses and gradients as one forward per task through one merge."""
+    m, dm, n = _tinting(assets, step_mode="joint"), _dm(), 8
+    m.expert_labels = {t: torch.arange(n) % 4 for t in TASKS}
+    m.expert_conf = {t: torch.linspace(0.2, 1.0, n) for t in TASKS}
+    batch = {t: (torch.arange(n), dm.split(t, "test").tensors[0][:n]) for t in TASKS}
+    params = [m.coefficients, *m.tint_parameters()]
+    order = [1, 0]
+    shared = m._joint_losses(batch, order)
+    merged = m.merged_params()
+    separate = [m.task_loss(batch, i, merged) for i in order]
+    assert [p[1:] for p in shared] == [p[1:] for p in separate] and shared[0][1] > 0
+    for a, b in zip(shared, separate):
+        assert torch.allclose(a[0], b[0], atol=1e-6)
+    g_shared = torch.autograd.grad(sum(p[0] for p in shared), params)
+    g_separate = torch.autograd.grad(sum(p[0] for p in separate), params)
+    for a, b in zip(g_shared, g_separate):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("step_mode", ["task", "joint"])
 def test_step_skipped_when_nothing_is_kept(assets, step_mode):
     m = _tinting(assets, step_mode=step_mode)

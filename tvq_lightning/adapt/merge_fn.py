@@ -45,8 +45,8 @@ class MergeKey(torch.autograd.Function):
             raise TvqError(f"key {key!r}: expected {len(packed.tasks)} coefficients (one per task), got shape {tuple(coeffs.shape)}")
         out = theta0.detach().to(torch.float32, copy=True)
         lam = coeffs.detach().to(torch.float32)
-        for t, tau in packed.iter_task_vectors(key):
-            out.add_(tau.mul_(lam[t]))
+        for t, tau in packed.iter_task_vectors(key, readonly=True):
+            out.addcmul_(tau, lam[t])
         ctx.packed, ctx.key = packed, key
         ctx.coeff_dtype = coeffs.dtype
         ctx.theta_dtype = theta0.dtype
@@ -66,7 +66,7 @@ def coefficient_grad(packed: PackedTaskVectors, key: str, grad: Tensor) -> Tenso
     of ``key``; each tau_t is decoded again, one at a time (nothing was saved)."""
     g = grad.reshape(-1).to(torch.float32)
     dlam = torch.zeros(len(packed.tasks), dtype=torch.float32, device=grad.device)
-    for t, tau in packed.iter_task_vectors(key):
+    for t, tau in packed.iter_task_vectors(key, readonly=True):
         dlam[t] = torch.dot(g, tau.reshape(-1))
     return dlam
 

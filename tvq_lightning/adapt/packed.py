@@ -173,8 +173,10 @@ class PackedTaskVectors(nn.Module):
     def _qt(self, prefix: str, shape: tuple[int, ...], spec: QuantSpec) -> QTensor:
         return QTensor(self._buf(prefix + "_q"), self._buf(prefix + "_z"), self._buf(prefix + "_s"), shape, spec)
 
-    def _iter_raw(self, key: str, tasks: Sequence[int] | None = None) -> Iterator[tuple[int, Tensor]]:
-        """``(t, tau_t)`` (untrimmed, fresh float32 tensors) for the non-zero tasks of ``key``."""
+    def _iter_raw(self, key: str, tasks: Sequence[int] | None = None,
+                  readonly: bool = False) -> Iterator[tuple[int, Tensor]]:
+        """``(t, tau_t)`` (untrimmed float32 tensors) for the non-zero tasks of ``key``: fresh ones,
+        or with ``readonly`` exact vectors are the packed buffers themselves (no copy)."""
         e = self._entry(key)
         base_hat = None
         for t in range(len(self.tasks)) if tasks is None else tasks:
@@ -182,7 +184,8 @@ class PackedTaskVectors(nn.Module):
             if kind is None:
                 continue
             if kind == "v":
-                yield t, self._buf(f"k{e.index}_t{t}_v").clone()
+                v = self._buf(f"k{e.index}_t{t}_v")
+                yield t, v if readonly else v.clone()
                 continue
             tau = self._qt(f"k{e.index}_t{t}", e.shape, e.specs[t]).dequantize()
             if e.fq:
@@ -206,14 +209,17 @@ class PackedTaskVectors(nn.Module):
         codes = unpack_codes(self._buf(f"k{e.index}_sign"), 2, _numel(e.shape))
         return (codes.to(torch.float32) - 1.0).view(e.shape)
 
-    def iter_task_vectors(self, key: str, tasks: Sequence[int] | None = None) -> Iterator[tuple[int, Tensor]]:
+    def iter_task_vectors(self, key: str, tasks: Sequence[int] | None = None,
+                          readonly: bool = False) -> Iterator[tuple[int, Tensor]]:
         """``(t, tau_t)`` for the tasks whose vector for ``key`` is non-zero, one at a time.
 
         Each ``tau_t`` is a fresh float32 tensor on the module's device (the caller may modify
         it); RTVQ's base is decoded once per call. With ``ties``, the trimmed, elected vector.
+        ``readonly=True`` promises not to modify them: exact (fp32) vectors are then yielded
+        without a copy (the adaptation hot path reads them twice per step).
         """
         if self.ties is None:
-            yield from self._iter_raw(key, tasks)
+            yield from self._iter_raw(key, tasks, readonly)
             return
         e = self._entry(key)
         gamma = self._gamma(e)

@@ -170,9 +170,12 @@ class Tinting(AdaMerging):
     def task_loss(self, batch, i: int, params: dict[str, Tensor]) -> tuple[Tensor, int, int]:
         """``(loss, kept, seen)``: CE against the expert labels, averaged over the kept samples
         (``loss`` is a zero that still reaches every parameter when nothing is kept here)."""
+        idx, images = split_batch(batch, self.tasks[i], "Tinting")
+        return self.pseudo_label_loss(i, idx, self.tinted_logits(images, i, params))
+
+    def pseudo_label_loss(self, i: int, idx: Tensor, logits: Tensor) -> tuple[Tensor, int, int]:
+        """:meth:`task_loss` of task ``i``'s samples ``idx`` given their tinted ``logits``."""
         t = self.tasks[i]
-        idx, images = split_batch(batch, t, "Tinting")
-        logits = self.tinted_logits(images, i, params)
         idx = idx.to(self.expert_labels[t].device)
         y_e, c_e = self.expert_labels[t][idx], self.expert_conf[t][idx]
         if self.hparams.confidence_sampling:
@@ -198,8 +201,7 @@ class Tinting(AdaMerging):
         order = torch.randperm(len(self.tasks), generator=self._order).tolist()
         losses, kept_all, seen_all, skipped = [], 0, 0, 0
         if self.hparams.step_mode == "joint":
-            params = self.merged_params()
-            parts = [self.task_loss(batch, i, params) for i in order]
+            parts = self._joint_losses(batch, order)
             total = sum(p[0] for p in parts)
             kept_all, seen_all = sum(p[1] for p in parts), sum(p[2] for p in parts)
             losses = [float(p[0].detach()) for p in parts if p[1]]
@@ -222,6 +224,17 @@ class Tinting(AdaMerging):
             self.log("train/ce", sum(losses) / len(losses), prog_bar=True, batch_size=n)
         self.log("train/kept", kept_all / max(1, seen_all), prog_bar=True, batch_size=n)
         self.log("train/skipped_steps", float(skipped), reduce_fx="sum", batch_size=n)
+
+    def _joint_losses(self, batch, order: list[int]) -> list[tuple[Tensor, int, int]]:
+        """Every task's :meth:`task_loss` under one merge. With head tints all tasks share the
+        encoder, so their images take one pass (AdaMerging's ``task_features``: block-streamed with
+        ``checkpoint_tasks``); a block tint gives each task its own encoder, hence its own forward."""
+        if self.block:
+            params = self.merged_params()
+            return [self.task_loss(batch, i, params) for i in order]
+        parts = [split_batch(batch, t, "Tinting") for t in self.tasks]
+        feats = self.task_features([images for _, images in parts])
+        return [self.pseudo_label_loss(i, parts[i][0], self.model.heads[self.tasks[i]](feats[i])) for i in order]
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.coefficients, *self.tint_parameters()], lr=self.hparams.lr)
