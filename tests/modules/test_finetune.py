@@ -128,3 +128,13 @@ def test_short_run_scales_warmup():
     trainer = fit(module, toy(), steps=20)
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.lr_lambdas[0](0) == 0.5  # warm-up over 10 % of 20 steps, not 500
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", False)])
+def test_adamw_fused_unless_mixed_precision(precision, fused):
+    """The fused AdamW kernel where it is safe; ``foreach`` under mixed precision (Lightning clips
+    gradients there, which an optimizer that unscales them itself does not allow)."""
+    module = FineTuneModule(encoder(), "a", lr=1e-3, warmup_steps=1, probe_steps=1)
+    trainer = fit(module, toy(), steps=2, precision=precision, gradient_clip_val=1.0)
+    defaults = trainer.optimizers[0].defaults
+    assert bool(defaults["fused"]) is fused and bool(defaults["foreach"]) is not fused

@@ -189,9 +189,17 @@ class FineTuneModule(pl.LightningModule):
         self._eval_step(batch, dataloader_idx, "test")
 
     # -- optimisation -----------------------------------------------------------------------------
+    def _adamw_impl(self, params: list[Tensor]) -> dict[str, bool]:
+        """AdamW's fused kernel (~3x faster than ``foreach`` on CPU) where torch has it for every
+        parameter; not under mixed precision, where Lightning cannot clip the gradients of an
+        optimizer that unscales them itself."""
+        precision = str(getattr(self._trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        fused = "mixed" not in precision and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return {"fused": True} if fused else {"foreach": True}
+
     def configure_optimizers(self):
         params = [p for p in self.encoder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)  # CPU too
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, **self._adamw_impl(params))
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) and total > 0 else None
         warm = self.warmup_steps if total is None else min(self.warmup_steps, int(0.1 * total))
