@@ -72,6 +72,7 @@ def test_storage_and_diagnostics(quick_demo):
     assert err["fq8"] < err["fq4"]
     assert err["tvq4"] < err["fq4"]
     assert diag["range_ratio"] > 1.0
+    assert -1.0 <= diag["task_vector_cosine"] <= 1.0
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from tvq_lightning.demo.config import MERGE_METHODS, DemoConfig
 from tvq_lightning.demo.finetune import build_joint_stores, finetune_task
 from tvq_lightning.demo.merges import _scaled, merged_models
 from tvq_lightning.demo.report import findings
+from tvq_lightning.store.layout import StoreConfig
 from tvq_lightning.store.reader import TaskVectorStore
 
 TASKS = ("shapes", "digits")
@@ -70,7 +71,8 @@ def _report(**over):
     res = {"pretrained": {"fp32": cell(50.0)},
            "individual": {"fp32": cell(90.0), "tvq4": cell(89.8), "tvq3": cell(89.5), "tvq2": cell(85.0),
                           "rtvq_b3o2": cell(89.0)},
-           "task_arithmetic": {"fp32": cell(70.0), "tvq4": cell(70.2), "tvq3": cell(69.5), "rtvq_b3o2": cell(69.0)},
+           "task_arithmetic": {"fp32": cell(70.0), "tvq4": cell(70.2), "tvq3": cell(69.5), "tvq2": cell(66.0),
+                               "rtvq_b3o2": cell(69.0)},
            "tinting": {"fp32": cell(76.0)}, "adamerging_layer": {"fp32": cell(71.0)}}
     report = {"results": res, "storage": {"rtvq_b3o2": {"ratio_to_fp32": 0.075}},
               "diagnostics": {"tvq8": {"rel_l2_error": 0.01}, "tvq4": {"rel_l2_error": 0.1},
@@ -88,7 +90,11 @@ def _report(**over):
 def test_findings_follow_the_numbers():
     ok = _report()
     assert all(ok.values()), [c for c, h in ok.items() if not h]
-    assert len(ok) == 14
+    assert len(ok) == 15
+    assert not _report(**{"results/task_arithmetic/rtvq_b3o2": {"avg": 67.9, "per_task": {}}})[
+        "|RTVQ B3O2 - FP32| <= 2 points (task_arithmetic)"]
+    assert not _report(**{"results/individual/rtvq_b3o2": {"avg": 85.0, "per_task": {}}})[
+        "RTVQ B3O2 > TVQ-INT2 (individual)"]
     assert not _report(**{"results/adamerging_layer/fp32": {"avg": 69.9, "per_task": {}}})[
         "layer-wise AdaMerging >= task arithmetic"]
     assert not _report(**{"results/tinting/fp32": {"avg": 74.9, "per_task": {}}})["Tinting++ >= task arithmetic + 5 points"]
@@ -104,3 +110,17 @@ def test_quick_config_is_a_subset():
     q, full = DemoConfig.quick(), DemoConfig()
     assert set(q.tasks) < set(full.tasks)
     assert set(q.schemes) == set(full.schemes)      # the quick report still covers every store
+
+
+def test_task_vector_cosine_of_a_known_store(tmp_path):
+    """Two tasks whose vectors are (1, 0) and (1, 1) per key: cosine 1/sqrt(2)."""
+    from tvq_lightning.demo.evaluate import task_vector_cosine
+    from tvq_lightning.store import quantize_to_store
+
+    pre = {"w": torch.zeros(2, 2), "v": torch.zeros(2)}
+    fts = {"a": {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "v": torch.tensor([1.0, 0.0])},
+           "b": {"w": torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "v": torch.tensor([1.0, 1.0])}}
+    quantize_to_store(pre, fts, tmp_path / "s", config=StoreConfig(scheme="fp32"), progress=False)
+    st = TaskVectorStore(tmp_path / "s")
+    assert task_vector_cosine(st, ["a", "b"], ["w", "v"]) == pytest.approx(2 ** -0.5)
+    assert task_vector_cosine(st, ["a", "b"], ["w"]) == pytest.approx(2 ** -0.5)

@@ -83,6 +83,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         quantization_error,
         range_ratio,
         result,
+        task_vector_cosine,
     )
     from .finetune import build_joint_stores, finetune_task
     from .config import MERGE_METHODS
@@ -121,8 +122,9 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         diagnostics[s] = {"rel_l2_error": quantization_error(st, exact, bench.pretrained(), bench.tasks)}
         st.close()
     quantized = TaskVectorStore(stores["tvq4" if "tvq4" in stores else next(s for s in stores if s != "fp32")])
-    diagnostics["range_ratio"] = range_ratio(exact, bench.pretrained(), bench.tasks,
-                                             [k for k in quantized.keys if quantized.layout.keys[k].quantized])
+    qkeys = [k for k in quantized.keys if quantized.layout.keys[k].quantized]
+    diagnostics["range_ratio"] = range_ratio(exact, bench.pretrained(), bench.tasks, qkeys)
+    diagnostics["task_vector_cosine"] = task_vector_cosine(exact, bench.tasks, qkeys)
     lap("stores")
 
     full = [s for s in stores if s in cfg.all_methods_schemes]

@@ -97,3 +97,16 @@ def range_ratio(exact: TaskVectorStore, pretrained: Mapping[str, Tensor], tasks:
                 theta = pretrained[k].float() + tau
                 ratios.append(float(theta.max() - theta.min()) / r_tau)
     return sum(ratios) / max(len(ratios), 1)
+
+
+def task_vector_cosine(exact: TaskVectorStore, tasks: Sequence[str], keys: Sequence[str]) -> float:
+    """Mean pairwise cosine similarity of the tasks' vectors over the tensors ``keys`` (a Gram
+    matrix accumulated key by key: what RTVQ's shared base can capture)."""
+    gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    for k in keys:
+        stacked = torch.stack([exact.task_vector(t, k).double().reshape(-1) for t in tasks])
+        gram += stacked @ stacked.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-30)
+    cos = gram / norms[:, None] / norms[None, :]
+    n = len(tasks)
+    return float((cos.sum() - cos.diagonal().sum()) / max(n * (n - 1), 1))
