@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from _demo_helpers import isolated_cache
 
 from tvq_lightning.demo.bench import prepare
-from tvq_lightning.demo.config import MERGE_METHODS, DemoConfig
-from tvq_lightning.demo.finetune import build_joint_stores, finetune_task
+from tvq_lightning.demo.config import MERGE_METHODS, SCHEMES, DemoConfig
+from tvq_lightning.demo.finetune import build_joint_stores, finetune_task, task_sensitivities
 from tvq_lightning.demo.merges import _scaled, merged_models
 from tvq_lightning.demo.report import findings
+from tvq_lightning.errors import TvqError
 from tvq_lightning.store.layout import StoreConfig
 from tvq_lightning.store.reader import TaskVectorStore
 
@@ -21,7 +23,7 @@ def bench_and_stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     with isolated_cache(root):
         cfg = DemoConfig.quick(tasks=TASKS, train_size=128, val_size=16, test_size=16, finetune_steps=8,
-                               schemes=("fp32", "tvq4", "rtvq_b3o2"))
+                               schemes=("fp32", "tvq4", "rtvq_b3o2", "budget"))
         bench = prepare(cfg, root)
         stores = {s: root / "stores" / s for s in cfg.schemes}
         for t in TASKS:
@@ -85,6 +87,20 @@ def _report(**over):
             node = node[p]
         node[last] = value
     return {c["claim"]: c["holds"] for c in findings(report)}
+
+
+@pytest.mark.slow
+def test_budget_store_weighted_by_the_tasks_sensitivities(bench_and_stores):
+    """The budget store's allocation used each quantized key's squared gradient, averaged over the
+    tasks, and records them; the weights are those of the tasks' own losses at θ0."""
+    bench, stores, _ = bench_and_stores
+    weights = task_sensitivities(bench, SCHEMES["budget"])
+    st = TaskVectorStore(stores["budget"])
+    quantized = [k for k in st.keys if st.layout.keys[k].quantized]
+    assert sorted(weights) == sorted(quantized) and all(w > 0 for w in weights.values())
+    assert st.layout.allocation["sensitivity"] == pytest.approx(weights)
+    with pytest.raises(TvqError, match="budget_sensitivity"):
+        DemoConfig(budget_sensitivity="fisher")
 
 
 def test_findings_follow_the_numbers():

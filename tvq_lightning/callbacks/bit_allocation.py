@@ -49,6 +49,7 @@ from torch import Tensor
 from ..errors import TvqError
 from ..quant.allocation import Allocation, ErrorTable, allocate_bits, key_error_table
 from ..quant.policy import is_quantized
+from ..quant.sensitivity import accumulate_squared_gradients
 from ..store.layout import StoreConfig
 from .quantize_on_save import QuantizeOnSave, submodule_of
 
@@ -123,25 +124,18 @@ class BitAllocation(Callback):
         if not params:
             raise TvqError(f"BitAllocation: {type(pl_module).__name__}.{self.submodule} has no parameters")
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # mps has no float64
-        sums = torch.zeros(len(params), dtype=dtype, device=pl_module.device)
         flags = [p.requires_grad for p in params]
         modes = [(m, m.training) for m in pl_module.modules()]
-        count = 0
+
+        def loss_fn(i: int, batch) -> Tensor:
+            with trainer.precision_plugin.forward_context():
+                return _loss(pl_module, trainer.strategy.batch_to_device(batch), i)
+
         try:
             pl_module.eval()
             for p in params:
                 p.requires_grad_(True)
-            for i, batch in enumerate(_batches(trainer)):
-                if i >= self.num_batches:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
-                with torch.enable_grad(), trainer.precision_plugin.forward_context():
-                    loss = _loss(pl_module, batch, i)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for j, g in enumerate(grads):
-                    if g is not None:
-                        sums[j] += g.detach().to(dtype).pow(2).mean()
-                count += 1
+            sums, count = accumulate_squared_gradients(loss_fn, params, _batches(trainer), self.num_batches, dtype)
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)

@@ -119,6 +119,10 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         summ = summarize(st)
         storage[s] = {"bytes": int(summ["bytes_on_disk"]), "ratio_to_fp32": float(summ["ratio_to_fp32"]),
                       "bits_per_param": float(summ["bits_per_param"]), "label": summ["scheme"]}
+        alloc = st.layout.allocation
+        if alloc:
+            storage[s]["allocation"] = {k: alloc[k] for k in ("bits", "base_bits", "offset_bits") if k in alloc}
+            storage[s]["allocation"]["sensitivity"] = "grad2" if alloc.get("sensitivity") else "uniform"
         diagnostics[s] = {"rel_l2_error": quantization_error(st, exact, bench.pretrained(), bench.tasks)}
         st.close()
     quantized = TaskVectorStore(stores["tvq4" if "tvq4" in stores else next(s for s in stores if s != "fp32")])

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..data.embedded import TASK_NAMES
+from ..errors import TvqError
 from ..store.layout import StoreConfig
 
-#: report name -> the store it names (the budget store: RTVQ, (b_base, b_off) and per-tensor widths
-#: chosen by the allocator for 2.5 bits per parameter per task)
+#: report name -> the store it names (the budget store: RTVQ, (b_base, b_off) per tensor chosen by
+#: the allocator for 2.5 bits per parameter per task, weighted by DemoConfig.budget_sensitivity)
 SCHEMES: dict[str, StoreConfig] = {
     "fp32": StoreConfig(scheme="fp32"),
     "fq8": StoreConfig(scheme="fq", bits=8),
@@ -46,6 +47,10 @@ class DemoConfig:
     finetune_lr: float = 1e-4
     finetune_weight_decay: float = 0.0
     schemes: tuple[str, ...] = tuple(SCHEMES)
+    # the budget store's sensitivity weights: "grad2" (each task's mean squared gradient at θ0 on
+    # its first training batches, averaged over tasks, as BitAllocation estimates it) or "uniform"
+    budget_sensitivity: str = "grad2"
+    sensitivity_batches: int = 8
     # every data-free method runs on these stores; the others get individual + task arithmetic
     all_methods_schemes: tuple[str, ...] = ("fp32", "tvq4", "tvq2", "rtvq_b3o2")
     scaling_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -61,6 +66,10 @@ class DemoConfig:
     tinting_epochs: int = 120
     tinting_step_mode: str = "joint"
     tinting_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.budget_sensitivity not in ("grad2", "uniform"):
+            raise TvqError(f"DemoConfig budget_sensitivity={self.budget_sensitivity!r}: choose 'grad2' or 'uniform'")
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:

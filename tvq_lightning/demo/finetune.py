@@ -15,11 +15,15 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..callbacks.quantize_on_save import QuantizeOnSave
 from ..data.multitask import TensorTasks
 from ..modules.finetune import FineTuneModule
+from ..quant.policy import is_quantized
+from ..quant.sensitivity import accumulate_squared_gradients
+from ..store.layout import StoreConfig
 from ..store.reader import TaskVectorStore
 from ..store.writer import quantize_to_store
 from .bench import Bench
@@ -64,12 +68,35 @@ def finetune_task(bench: Bench, task: str, stores: Mapping[str, Path]) -> None:
     quiet_trainer(cfg.finetune_steps, callbacks=callbacks, gradient_clip_val=1.0).fit(module, dm)
 
 
+def task_sensitivities(bench: Bench, config: StoreConfig) -> dict[str, float]:
+    """Per quantized key, the mean squared gradient of each task's fine-tuning loss at θ0 (its
+    zero-shot head, its first ``cfg.sensitivity_batches`` training batches), averaged over the
+    tasks: what :class:`~tvq_lightning.callbacks.BitAllocation` estimates at the start of a run."""
+    cfg, top = bench.cfg, bench.top().eval()
+    named = [(k, p) for k, p in top.named_parameters() if is_quantized(k, p.shape, p.dtype, config.policy)]
+    params = [p.requires_grad_(True) for _, p in named]
+    total = torch.zeros(len(params), dtype=torch.float64)
+    for t in bench.tasks:
+        x, y = bench.data[t]["train"]
+        batches = zip(x.split(cfg.finetune_batch), y.split(cfg.finetune_batch))
+        head = bench.heads[t]
+        sums, count = accumulate_squared_gradients(lambda i, b, head=head: F.cross_entropy(head(top(b[0])), b[1]),
+                                                   params, batches, cfg.sensitivity_batches)
+        total += sums / max(count, 1)
+    return {k: float(v) / len(bench.tasks) for (k, _), v in zip(named, total)}
+
+
 def build_joint_stores(bench: Bench, stores: Mapping[str, Path]) -> None:
-    """The stores that need every task at once, from the FP32 store."""
+    """The stores that need every task at once, from the FP32 store (the budget store's bits
+    weighted by :func:`task_sensitivities` unless ``cfg.budget_sensitivity`` is ``uniform``)."""
     exact = TaskVectorStore(stores["fp32"])
     pre = bench.pretrained()
     for name, path in stores.items():
         if name in PER_TASK_SCHEMES:
             continue
+        config = SCHEMES[name]
+        weights = None
+        if config.budget is not None and bench.cfg.budget_sensitivity == "grad2":
+            weights = task_sensitivities(bench, config)
         fts = {t: FinetunedFromStore(exact, t, pre) for t in bench.tasks}
-        quantize_to_store(bench.pretrained_path, fts, path, config=SCHEMES[name], progress=False)
+        quantize_to_store(bench.pretrained_path, fts, path, config=config, sensitivity=weights, progress=False)
