@@ -9,6 +9,7 @@ was.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -210,6 +211,20 @@ def _task_metadata(name: str, cfg: StoreConfig, fingerprint: str) -> dict[str, s
     return {"format": "tvq_lightning.task", "task": name, "scheme": cfg.label, "pretrained": fingerprint}
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off meanwhile: a full collection of a large heap (torch,
+    numba) holds the GIL for ~0.1 s and so stalls the worker threads; the writer makes few cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def quantize_to_store(
     pretrained: WeightsLike,
     finetuned: Mapping[str, WeightsLike],
