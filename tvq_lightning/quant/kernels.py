@@ -7,8 +7,8 @@ little more than loading the checkpoints. These kernels fuse the work into two p
 - :func:`sub_minmax`: ``out = a - b`` plus its min, max and a finiteness flag, in one pass;
 - :func:`quantize_pack`: scale, round half-to-even, clamp and bit-pack straight into the output
   bytes, in one pass; :func:`unpack_dequantize` is its inverse;
-- :func:`range_of` / :func:`qpack_range`: the same two passes over a range of ``a - b`` without
-  storing the difference, for the store writer's cache-blocked path (``store.fused``).
+- ``_sub_minmax_nb`` / ``_qpack_nb`` over a range of ``a - b`` without storing the difference
+  serve the store writer's cache-blocked path too (``store.fused_kernels``).
 
 The loops are written so that LLVM vectorises them: they index views from 0, and the min / max /
 finiteness reductions are integer ones (an order-preserving integer key of each float, the
@@ -50,7 +50,7 @@ def _usable(*ts: Tensor) -> bool:
     )
 
 
-_QBLOCK = 512  # codes per block of the packing loop (a multiple of 8; stays in L1)
+_QBLOCK = 1024  # codes per block of the packing loop (a multiple of 8; stays in L1)
 
 if numba is not None:
 
@@ -129,11 +129,48 @@ if numba is not None:
     def _xcode(x, y, b, i, sb, zb, levels):  # pragma: no cover - compiled
         return _code(_diff(x, y, b, i), sb, zb, levels)
 
+    @njit(cache=True, inline="always")
+    def _pack_words(words, g, bits, out):  # pragma: no cover - compiled
+        # g groups of 8 codes (a word each, code j in byte j) -> g * bits bytes; inlined where
+        # ``bits`` is a constant, so the byte loop unrolls
+        for k in range(g):
+            w = _compress(words[k], bits)
+            for i in range(bits):
+                out[k * bits + i] = np.uint8((w >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+    @njit(cache=True, inline="always")
+    def _pack_block(codes, m, bits, out):  # pragma: no cover - compiled
+        # codes[:m] (one per byte, m a multiple of 8) packed into out[:m * bits // 8], bits < 8.
+        # 1, 2, 4 bits: each output byte from one word of 8 / bits codes, a loop LLVM vectorises
+        if bits == 4:  # c0 | c1 << 8  ->  c0 | c1 << 4
+            w16 = codes.view(np.uint16)
+            for k in range(m // 2):
+                w = w16[k]
+                out[k] = np.uint8((w | (w >> np.uint16(4))) & np.uint16(0xFF))
+        elif bits == 2:  # c0 | c1 << 8 | c2 << 16 | c3 << 24  ->  c0 | c1 << 2 | c2 << 4 | c3 << 6
+            w32 = codes.view(np.uint32)
+            for k in range(m // 4):
+                w = w32[k]
+                out[k] = np.uint8((w | (w >> np.uint32(6)) | (w >> np.uint32(12)) | (w >> np.uint32(18))) & np.uint32(0xFF))
+        elif bits == 1:  # byte j's low bit to bit 56 + j: the products' bits never overlap
+            w64 = codes.view(np.uint64)
+            for k in range(m // 8):
+                out[k] = np.uint8((w64[k] * np.uint64(0x0102040810204080)) >> np.uint64(56))
+        elif bits == 3:
+            _pack_words(codes.view(np.uint64), m // 8, 3, out)
+        elif bits == 5:
+            _pack_words(codes.view(np.uint64), m // 8, 5, out)
+        elif bits == 6:
+            _pack_words(codes.view(np.uint64), m // 8, 6, out)
+        else:
+            _pack_words(codes.view(np.uint64), m // 8, 7, out)
+
     @njit(cache=True, nogil=True)
     def _qpack_nb(a, b, start, end, sb, zb, levels, bits, out):  # pragma: no cover - compiled
         # per tensor: codes of x[start:end] (x = a - b, or a when b is None) quantized and packed
-        # in one loop into out[0:]; start is a multiple of 8, so the bytes are those of the whole
-        # tensor. Loops index views from 0 so that LLVM can vectorise them.
+        # into out[0:]; start is a multiple of 8, so the bytes are those of the whole tensor.
+        # Codes of a block go to an L1 buffer, then are packed; loops index views from 0 so that
+        # LLVM vectorises them.
         x = a[start:end]
         y = x if b is None else b[start:end]
         n = x.size
@@ -141,22 +178,15 @@ if numba is not None:
         if bits == 8:
             for o in range(main):
                 out[o] = _xcode(x, y, b, o, sb, zb, levels)
-        elif bits == 4:
-            for o in range(main // 2):
-                i = 2 * o
-                out[o] = _xcode(x, y, b, i, sb, zb, levels) | (_xcode(x, y, b, i + 1, sb, zb, levels) << np.uint8(4))
-        else:  # 1, 2, 3, 5, 6, 7 bits: codes of a block into a buffer, then 8 codes (a word) -> ``bits`` bytes
+        else:
             codes = np.empty(_QBLOCK, np.uint8)
-            words = codes.view(np.uint64)
             for blk in range(0, main, _QBLOCK):
                 m = min(_QBLOCK, main - blk)
+                xs = x[blk:blk + m]
+                ys = xs if b is None else y[blk:blk + m]
                 for j in range(m):
-                    codes[j] = _xcode(x, y, b, blk + j, sb, zb, levels)
-                base = blk * bits // 8
-                for g in range(m // 8):
-                    w = _compress(words[g], bits)
-                    for k in range(bits):
-                        out[base + g * bits + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(0xFF))
+                    codes[j] = _xcode(xs, ys, b, j, sb, zb, levels)
+                _pack_block(codes, m, bits, out[blk * bits // 8:])
         if main < n:  # the last, partial group of 8 codes: ceil(rest * bits / 8) bytes
             w = np.uint64(0)
             for j in range(n - main):
@@ -311,38 +341,6 @@ def quantize_pack(x: Tensor, s: Tensor, z: Tensor, bits: int, out: Tensor) -> bo
     codes[n:] = 0
     _pack_words_nb(words, bits, out.numpy())
     return True
-
-
-def range_of(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> tuple[float, float, bool]:
-    """Min, max and finiteness of ``(a - b)[start:end]`` (or of ``a``) for flat float32 arrays.
-
-    Nothing is stored: with :func:`qpack_range` the difference is formed twice, in cache-sized
-    ranges, instead of being written to memory and read back (see ``store.fused``). Needs numba.
-    """
-    _check_range(a, b, start, end)
-    return tuple(f(v) for f, v in zip((float, float, bool), _sub_minmax_nb(a, b, None, start, end)))
-
-
-def _check_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int) -> None:
-    """The compiled loops do not check bounds: a bad range would read outside the arrays."""
-    if not (0 <= start <= end <= a.size and (b is None or b.size >= end)):
-        raise IndexError(f"range [{start}, {end}) outside arrays of {a.size} / {None if b is None else b.size} elements")
-
-
-def qpack_range(a: np.ndarray, b: np.ndarray | None, start: int, end: int, s: float, z: float, bits: int,
-                out: np.ndarray) -> int:
-    """Per-tensor codes of ``(a - b)[start:end]`` (or of ``a``), packed into ``out[:nbytes]``.
-
-    ``start`` must be a multiple of 8, so these are the bytes from ``start * bits // 8`` on of
-    the whole tensor's packed codes (as :func:`quantize_pack` makes them); ``s`` and ``z`` are
-    the float32 inverse step and zero-point. Returns ``nbytes``. Needs numba.
-    """
-    _check_range(a, b, start, end)
-    nbytes = ((end - start) * bits + 7) // 8
-    if start % 8 or out.size < nbytes:
-        raise ValueError(f"qpack_range: start {start} is not a multiple of 8 or out has fewer than {nbytes} bytes")
-    _qpack_nb(a, b, start, end, np.float32(s), np.float32(z), np.float32((1 << bits) - 1), bits, out)
-    return nbytes
 
 
 def unpack_dequantize(packed: Tensor, z: Tensor, scale: Tensor, bits: int, numel: int, out: Tensor) -> bool:

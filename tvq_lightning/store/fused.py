@@ -6,17 +6,18 @@ per-tensor TVQ of float32 weights (the paper's setting) this module instead make
 over the key in cache-sized chunks, every task's chunk in turn against the same theta_0 chunk,
 which is therefore read from memory once for all tasks:
 
-1. range: min, max and finiteness of ``theta_t - theta_0`` per task (:func:`~..quant.kernels.range_of`);
-2. codes: ``theta_t - theta_0`` formed again, quantized and packed
-   (:func:`~..quant.kernels.qpack_range`), and written with ``pwrite`` at the key's place in each
-   task file (:meth:`~.io.SafetensorsStreamWriter.reserve`).
+1. range: min, max and finiteness of ``theta_t - theta_0`` per task (:func:`.fused_kernels.ranges`);
+2. codes: ``theta_t - theta_0`` formed again, quantized and packed (:func:`.fused_kernels.codes`)
+   into a staging buffer, and written with ``pwrite`` at the key's place in each task file
+   (:meth:`~.io.SafetensorsStreamWriter.reserve`).
 
 Forming the difference twice costs less than storing it: per task the passes stream theta_t twice,
 where subtract-store-reload moves about five times its size. The key is cut into one part per
-worker thread (:func:`~..quant.kernels.submit`). theta_0's CRC-32 (its fingerprint entry) is
-taken chunk by chunk while the chunk is in cache: the first part's during pass 1, the rest during
-pass 2, continuing from the first part's value, so both threads share that work. The bytes written
-are identical to ``QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)``.
+worker thread (:func:`~..quant.kernels.submit`); each pass over a part is one compiled call for all
+tasks (between writes), which runs without the GIL. theta_0's CRC-32 (its fingerprint entry) is
+taken by ``zlib.crc32`` (which also releases the GIL): the first part's after pass 1, the rest
+after pass 2, continuing from the first part's value, so both threads share that work. The bytes
+written are identical to ``QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)``.
 """
 from __future__ import annotations
 
@@ -30,17 +31,18 @@ import torch
 from torch import Tensor
 
 from ..quant.affine import affine_params
-from ..quant.kernels import num_workers, numba_enabled, qpack_range, range_of, submit
+from ..quant.kernels import num_workers, numba_enabled, submit
 from ..quant.qtensor import CODES, SCALE, ZERO
 from .checkpoints import LazyStateDict
 from .encode import non_finite
 from .fingerprint import entry_with_crc
+from .fused_kernels import codes, ranges
 from .io import SafetensorsStreamWriter
 from .layout import KeyInfo, StoreConfig
 from .sources import Source
 
 CHUNK = 1 << 18  #: elements per cache block (1 MiB of theta_0, in cache while every task uses it)
-STAGE_BYTES = 1 << 20  #: packed bytes gathered per task before a write
+STAGE_BYTES = 1 << 20  #: packed bytes per task per write (a 32 KiB write costs half again as much per byte)
 _MIN_PART = 1 << 16  # elements: a smaller key is not cut between threads
 _local = threading.local()
 
@@ -58,11 +60,6 @@ def _parts(n: int, count: int) -> list[tuple[int, int]]:
     count = max(1, min(count, n // _MIN_PART))
     cuts = [0] + [n * i // count // 8 * 8 for i in range(1, count)] + [n]
     return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _chunks(start: int, end: int):
-    for c0 in range(start, end, CHUNK):
-        yield c0, min(c0 + CHUNK, end)
 
 
 def encode_key(key: str, pretrained: Tensor, finetuned: Sequence[Tensor], labels: Sequence[str], info: KeyInfo,
@@ -94,7 +91,7 @@ class KeyJob:
                  info: KeyInfo, cfg: StoreConfig, writers: Sequence[SafetensorsStreamWriter], crc: bool):
         self.key, self.pretrained, self.labels, self.info, self.writers = key, pretrained, labels, info, writers
         self.b = pretrained.reshape(-1).numpy()
-        self.tasks = [f.reshape(-1).numpy() for f in finetuned]
+        self.tasks = tuple(f.reshape(-1).numpy() for f in finetuned)
         self.raw = memoryview(self.b.view(np.uint8)) if crc else None
         self.parts = _parts(info.numel, num_workers())
         self.last = len(self.parts) - 1
@@ -102,16 +99,17 @@ class KeyJob:
         self._codes: list = []
         self._ranges = [submit(self._range_part, p) for p in range(len(self.parts))]
 
+    def _crc(self, part: int, c: int) -> int:
+        """theta_0's CRC-32 continued over its bytes that ``part`` covers: part 0's part in the range
+        pass, the others' (in order) in the last part's codes pass."""
+        if self.raw is None:
+            return c
+        start, end = (0, self.parts[0][1]) if part == 0 else (self.parts[0][1], self.info.numel)
+        return zlib.crc32(self.raw[4 * start:4 * end], c)
+
     def _range_part(self, part: int) -> tuple[list[float], list[float], list[bool], int]:
-        b, tasks, raw = self.b, self.tasks, self.raw
-        lo, hi, finite, c = [np.inf] * len(tasks), [-np.inf] * len(tasks), [True] * len(tasks), 0
-        for c0, c1 in _chunks(*self.parts[part]):
-            for t, a in enumerate(tasks):
-                tlo, thi, tfin = range_of(a, b, c0, c1)
-                lo[t], hi[t], finite[t] = min(lo[t], tlo), max(hi[t], thi), finite[t] and tfin
-            if raw is not None and part == 0:
-                c = zlib.crc32(raw[4 * c0:4 * c1], c)
-        return lo, hi, finite, c
+        lo, hi, finite = ranges(self.tasks, self.b, *self.parts[part], CHUNK)
+        return lo, hi, finite, self._crc(0, 0) if part == 0 else 0
 
     def reserve(self) -> None:
         found = self.found = [f.result() for f in self._ranges]
@@ -129,25 +127,22 @@ class KeyJob:
             self.offsets[t] = self.writers[t].reserve(key + CODES, "U8", [nbytes], nbytes)
             self.writers[t].add(key + ZERO, z[t:t + 1].to(torch.int32))
             self.writers[t].add(key + SCALE, scale[t:t + 1])
-        self.sv, self.zv = s.tolist(), z.tolist()
+        self.sv, self.zv = s.to(torch.float32).numpy(), z.to(torch.float32).numpy()
         self._codes = [submit(self._codes_part, p) for p in range(len(self.parts))]
 
     def _codes_part(self, part: int) -> int:
-        b, raw, bits, last, parts, writers = self.b, self.raw, self.spec.bits, self.last, self.parts, self.writers
-        c = self.found[0][3]
-        if raw is not None and part == last > 0:  # parts 1 .. last-1 (none with two threads)
-            c = zlib.crc32(raw[4 * parts[0][1]:4 * parts[last][0]], c)
-        start, end = parts[part]
-        most = CHUNK * bits // 8 + 1  # packed bytes of one chunk, at most
-        stage = _Stage(len(self.tasks), min((end - start) * bits // 8 + 1, max(STAGE_BYTES, most)))
-        for c0, c1 in _chunks(start, end):
-            for t in self.active:
-                buf = stage.room(t, most, writers[t], self.offsets[t] + start * bits // 8)
-                stage.used[t] += qpack_range(self.tasks[t], b, c0, c1, self.sv[t], self.zv[t], bits, buf)
-            if raw is not None and part == last > 0:
-                c = zlib.crc32(raw[4 * c0:4 * c1], c)
-        for t in self.active:
-            stage.flush(t, writers[t], self.offsets[t] + start * bits // 8)
+        c = self._crc(part, self.found[0][3]) if part == self.last > 0 else self.found[0][3]
+        bits, start, end = self.spec.bits, *self.parts[part]
+        step = max(8, STAGE_BYTES * 8 // bits // 8 * 8)  # elements per write: whole groups of 8 codes
+        row = (step * bits + 7) // 8
+        out = _stage(len(self.active) * row)
+        active = np.array(self.active, np.int64)
+        pos = start * bits // 8
+        for s0 in range(start, end, step):
+            nbytes = codes(self.tasks, self.b, s0, min(s0 + step, end), CHUNK, self.sv, self.zv, bits, active, out, row)
+            for i, t in enumerate(self.active):
+                self.writers[t].write_at(self.offsets[t] + pos, out[i * row:i * row + nbytes])
+            pos += nbytes
         return c
 
     def finish(self) -> tuple | None:
@@ -160,31 +155,12 @@ class KeyJob:
                 f.result()
 
 
-class _Stage:
-    """Per-thread staging buffers of packed codes, one per task, written out in large pieces.
-
-    Writes of 32 KiB cost the kernel about half again as much per byte as writes of 256 KiB and
-    more, so a part's codes of each task are gathered up to :data:`STAGE_BYTES` before each
-    ``pwrite``. The buffers are reused across keys (thread-local).
-    """
-
-    def __init__(self, tasks: int, size: int):
-        bufs = getattr(_local, "stage", [])
-        if len(bufs) < tasks or (bufs and bufs[0].size < size):
-            bufs = _local.stage = [np.empty(max(size, bufs[0].size if bufs else 0), np.uint8) for _ in range(tasks)]
-        self.bufs, self.used, self.written = bufs, [0] * tasks, [0] * tasks
-
-    def room(self, t: int, nbytes: int, writer: SafetensorsStreamWriter, offset: int) -> np.ndarray:
-        """Where task ``t``'s next ``nbytes`` go (after writing out what is staged, if full)."""
-        if self.used[t] + nbytes > self.bufs[t].size:
-            self.flush(t, writer, offset)
-        return self.bufs[t][self.used[t]:]
-
-    def flush(self, t: int, writer: SafetensorsStreamWriter, offset: int) -> None:
-        """Write task ``t``'s staged bytes at ``offset`` (the part's start) plus what came before."""
-        writer.write_at(offset + self.written[t], self.bufs[t][:self.used[t]])
-        self.written[t] += self.used[t]
-        self.used[t] = 0
+def _stage(nbytes: int) -> np.ndarray:
+    """A per-thread buffer of at least ``nbytes`` for packed codes, reused across keys."""
+    buf = getattr(_local, "stage", None)
+    if buf is None or buf.size < nbytes:
+        buf = _local.stage = np.empty(nbytes, np.uint8)
+    return buf
 
 
 class Pipeline:
