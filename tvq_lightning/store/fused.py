@@ -15,7 +15,7 @@ Forming the difference twice costs less than storing it: per task the passes str
 where subtract-store-reload moves about five times its size. The key is cut into one part per
 worker thread (:func:`~..quant.kernels.submit`); each pass over a part is one compiled call for all
 tasks (between writes), which runs without the GIL. theta_0's CRC-32 (its fingerprint entry) is
-taken by ``zlib.crc32`` (which also releases the GIL): the first part's after pass 1, the rest
+taken by :func:`.fingerprint.crc32` (which also releases the GIL): the first part's after pass 1, the rest
 after pass 2, continuing from the first part's value, so both threads share that work. The bytes
 written are identical to ``QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)``.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ from ..quant.kernels import num_workers, numba_enabled, submit
 from ..quant.qtensor import CODES, SCALE, ZERO
 from .checkpoints import LazyStateDict
 from .encode import non_finite
-from .fingerprint import entry_with_crc
+from .fingerprint import crc32, entry_with_crc
 from .fused_kernels import codes, ranges
 from .io import SafetensorsStreamWriter
 from .layout import KeyInfo, StoreConfig
@@ -105,7 +104,7 @@ class KeyJob:
         if self.raw is None:
             return c
         start, end = (0, self.parts[0][1]) if part == 0 else (self.parts[0][1], self.info.numel)
-        return zlib.crc32(self.raw[4 * start:4 * end], c)
+        return crc32(self.raw[4 * start:4 * end], c)
 
     def _range_part(self, part: int) -> tuple[list[float], list[float], list[bool], int]:
         lo, hi, finite = ranges(self.tasks, self.b, *self.parts[part], CHUNK)
