@@ -122,10 +122,12 @@ class KeyJob:
         self.active = [t for t in range(n) if not (lo[t] == 0.0 and hi[t] == 0.0)]
         nbytes = (self.info.numel * self.spec.bits + 7) // 8
         self.offsets = {}
+        zi, sc = z.to(torch.int32).numpy(), scale.numpy()
         for t in self.active:
-            self.offsets[t] = self.writers[t].reserve(key + CODES, "U8", [nbytes], nbytes)
-            self.writers[t].add(key + ZERO, z[t:t + 1].to(torch.int32))
-            self.writers[t].add(key + SCALE, scale[t:t + 1])
+            w = self.writers[t]
+            self.offsets[t] = w.reserve(key + CODES, "U8", [nbytes], nbytes)
+            w.add_bytes(key + ZERO, "I32", [1], zi[t:t + 1])
+            w.add_bytes(key + SCALE, "F32", [1], sc[t:t + 1])
         self.sv, self.zv = s.to(torch.float32).numpy(), z.to(torch.float32).numpy()
         self._codes = [submit(self._codes_part, p) for p in range(len(self.parts))]
 

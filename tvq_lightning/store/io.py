@@ -138,8 +138,12 @@ class SafetensorsStreamWriter:
             view, offset = view[done:], offset + done
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor_bytes(tensor)
-        offset = self.reserve(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), data.nbytes)
+        self.add_bytes(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), tensor_bytes(tensor))
+
+    def add_bytes(self, name: str, dtype: str, shape: list[int], data) -> None:
+        """:meth:`add` of a tensor given as its safetensors dtype tag, shape and bytes (any C-contiguous buffer)."""
+        data = memoryview(data).cast("B")
+        offset = self.reserve(name, dtype, shape, data.nbytes)
         if data.nbytes >= _GATHER_BYTES:
             self.write_at(offset, data)
             return
