@@ -65,8 +65,8 @@ def test_fused_files_from_checkpoint_files(tmp_path, weights, files, monkeypatch
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
-def test_fused_non_finite_names_task_and_key(tmp_path, weights, bad, monkeypatch):
-    key = "blocks.0.linear2.weight"
+@pytest.mark.parametrize("key", ["blocks.0.linear2.weight", "blocks.0.linear2.bias"])  # a fused key, a small one
+def test_fused_non_finite_names_task_and_key(tmp_path, weights, bad, key, monkeypatch):
     weights.fts[2][key].view(-1)[-1] = float(bad)
     monkeypatch.setattr(fused, "CHUNK", 16)
     with pytest.raises(NonFiniteError, match=rf"t2.*{key}"):

@@ -14,7 +14,7 @@ from tvq_lightning.quant.config import QuantSpec
 pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
 
 if kernels.numba is not None:
-    from tvq_lightning.store.fused_kernels import codes, ranges
+    from tvq_lightning.store.fused_kernels import codes, ranges, task_vectors
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -50,6 +50,22 @@ def test_parts_of_a_difference_match_the_whole_tensor(bits):
                 assert (out[i * row + nb:(i + 1) * row] == 0xAB).all(), "wrote past the row's bytes"
     tasks[1][3] = float("nan")
     assert ranges(tasks, b, 0, n, 64)[2] == [True, False, True]
+
+
+def test_task_vectors_match_sub_minmax():
+    """Every task's vector of a key in one call: the rows and ranges of ``sub_minmax``, one task at a time."""
+    for n in (1, 7, 100):
+        tasks = tuple(torch.randn(n).numpy() for _ in range(3))
+        tasks[1][:] = 0.0
+        b = np.zeros(n, np.float32) if n == 1 else torch.randn(n).numpy()
+        out = np.empty((3, n), np.float32)
+        lo, hi, finite = task_vectors(tasks, b, out)
+        for t, a in enumerate(tasks):
+            want, wlo, whi, wfin = kernels.sub_minmax(torch.from_numpy(a), torch.from_numpy(b))
+            assert torch.equal(torch.from_numpy(out[t]).view(torch.int32), want.view(torch.int32))
+            assert (lo[t], hi[t], finite[t]) == (wlo, whi, wfin)
+    with pytest.raises(ValueError):
+        task_vectors(tasks, b, np.empty((2, n), np.float32))
 
 
 def test_fused_kernels_refuse_bad_ranges():

@@ -33,9 +33,9 @@ from ..quant.affine import affine_params
 from ..quant.kernels import num_workers, numba_enabled, submit
 from ..quant.qtensor import CODES, SCALE, ZERO
 from .checkpoints import LazyStateDict
-from .encode import non_finite
+from .encode import non_finite, task_vector_into
 from .fingerprint import crc32, entry_with_crc
-from .fused_kernels import codes, ranges
+from .fused_kernels import codes, ranges, task_vectors
 from .io import SafetensorsStreamWriter
 from .layout import KeyInfo, StoreConfig
 from .sources import Source
@@ -46,12 +46,31 @@ _MIN_PART = 1 << 16  # elements: a smaller key is not cut between threads
 _local = threading.local()
 
 
+def _compiled(tensors: Sequence[Tensor]) -> bool:
+    """Whether the compiled loops take these tensors: float32, contiguous, on the CPU, with numba."""
+    return numba_enabled() and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                   and not t.requires_grad for t in tensors)
+
+
 def eligible(cfg: StoreConfig, info: KeyInfo, tensors: Sequence[Tensor]) -> bool:
     """Whether the key can take this path: per-tensor TVQ of float32 CPU tensors, with numba."""
     return (cfg.scheme == "tvq" and cfg.granularity == "tensor" and info.quantized and info.numel > 0
-            and numba_enabled()
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
-                    for t in tensors))
+            and _compiled(tensors))
+
+
+def small_task_vectors(key: str, pretrained: Tensor, finetuned: Sequence[Tensor],
+                       labels: Sequence[str]) -> list[tuple[Tensor, float, float]]:
+    """:func:`.encode.task_vector_into` of every task for a small key (``(tau, lo, hi)`` each), all
+    tasks in one compiled call where it runs: a small key costs little but per-call overhead."""
+    if pretrained.numel() == 0 or not _compiled([pretrained, *finetuned]):
+        return [task_vector_into(f, pretrained, torch.empty(pretrained.shape), label=lab, key=key)
+                for f, lab in zip(finetuned, labels)]
+    taus = torch.empty(len(finetuned), pretrained.numel())
+    lo, hi, finite = task_vectors(tuple(f.reshape(-1).numpy() for f in finetuned), pretrained.reshape(-1).numpy(),
+                                  taus.numpy())
+    if not all(finite):
+        raise non_finite(labels[finite.index(False)], key)
+    return [(taus[t].view(pretrained.shape), lo[t], hi[t]) for t in range(len(finetuned))]
 
 
 def _parts(n: int, count: int) -> list[tuple[int, int]]:

@@ -8,7 +8,8 @@ threads do not wait between blocks for Python work elsewhere (small keys, reserv
 
 - :func:`ranges`: min, max and finiteness of ``tasks[t] - b`` per task;
 - :func:`codes`: ``tasks[t] - b`` quantized per tensor and packed, per task, into rows of a
-  staging buffer (the same bytes as :func:`~..quant.kernels.quantize_pack` of the whole tensor).
+  staging buffer (the same bytes as :func:`~..quant.kernels.quantize_pack` of the whole tensor);
+- :func:`task_vectors`: ``tasks[t] - b`` of a small key into the rows of a matrix, with ranges.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ if numba is not None:
                 _qpack_nb(tasks[t], b, c0, c1, s[t], z[t], levels, bits, out[i * row + pos:])
             pos += (c1 - c0) * bits // 8
 
+    @njit(cache=True, nogil=True)
+    def _task_vectors_nb(tasks, b, out, lo, hi, finite):  # pragma: no cover - compiled
+        for t in range(len(tasks)):
+            lo[t], hi[t], finite[t] = _sub_minmax_nb(tasks[t], b, out[t], 0, b.size)
+
 
 def _check(tasks: tuple, b: np.ndarray, start: int, end: int) -> None:
     """The compiled loops do not check bounds: a bad range would read outside the arrays."""
@@ -56,6 +62,18 @@ def ranges(tasks: tuple, b: np.ndarray, start: int, end: int, chunk: int) -> tup
     n = len(tasks)
     lo, hi, finite = np.full(n, np.inf, np.float32), np.full(n, -np.inf, np.float32), np.ones(n, np.bool_)
     _ranges_nb(tasks, b, start, end, chunk, lo, hi, finite)
+    return lo.tolist(), hi.tolist(), finite.tolist()
+
+
+def task_vectors(tasks: tuple, b: np.ndarray, out: np.ndarray) -> tuple[list, list, list]:
+    """``out[t] = tasks[t] - b`` (``out`` of shape ``(len(tasks), b.size)``) with each row's min, max
+    and finiteness, as :func:`~..quant.kernels.sub_minmax` gives them."""
+    _check(tasks, b, 0, b.size)
+    if out.shape != (len(tasks), b.size):
+        raise ValueError(f"task_vectors: out has shape {out.shape}, not {(len(tasks), b.size)}")
+    n = len(tasks)
+    lo, hi, finite = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.bool_)
+    _task_vectors_nb(tasks, b, out, lo, hi, finite)
     return lo.tolist(), hi.tolist(), finite.tolist()
 
 

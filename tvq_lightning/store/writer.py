@@ -143,10 +143,9 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
                 continue
             if cfg.scheme != "rtvq" and frozen_base is None and info.numel < _SMALL:  # in order, after the pool's keys
                 entry = tensor_entry(p) if fingerprint is not None else None
-                ts = [f.sd[k] for f in fts]
-                res = [task_vector_into(t, p, torch.empty(info.shape), label=f.label, key=k) for f, t in zip(fts, ts)]
+                res = fused.small_task_vectors(k, p, tensors[1:], [f.label for f in fts])
                 pipe.small(k, entry, [(w, encode_single(*r, info, cfg, k, finetuned=t))
-                                      for w, t, r in zip(task_writers, ts, res)])
+                                      for w, t, r in zip(task_writers, tensors[1:], res)])
                 continue
             pipe.drain()
             if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
