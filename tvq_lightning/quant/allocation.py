@@ -308,7 +308,7 @@ def _check_budget(budget: float, scheme: str, num_tasks: int, min_bits: int, max
     check_bits(min_bits, "min_bits")
     check_bits(max_bits, "max_bits")
     if min_bits > max_bits:
-        raise BudgetError(f"min_bits={min_bits} exceeds max_bits={max_bits}; lower --min-bits")
+        raise BudgetError(f"min_bits={min_bits} exceeds max_bits={max_bits}; lower min_bits or raise max_bits")
     need = min_bits if scheme == "tvq" else min_bits + min_bits / num_tasks
     if not math.isfinite(budget) or budget < need - 1e-12:
         raise BudgetError(f"budget {budget:g} bits/param is below the minimum {need:g} for {scheme} with "
