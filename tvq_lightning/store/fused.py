@@ -235,5 +235,8 @@ class Pipeline:
             entry = job.finish()
             if self.fingerprint is not None:
                 self.fingerprint[key] = entry
-            for sd in self.sources:
-                submit(sd.release, key)
+            submit(self._release, key)
+
+    def _release(self, key: str) -> None:
+        for sd in self.sources:
+            sd.release(key)
