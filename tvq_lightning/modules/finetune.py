@@ -165,8 +165,7 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, acc, n = self._loss_acc(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/acc", acc, prog_bar=True, batch_size=n)
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=n)
         return loss
 
     def _is_own_task(self, dataloader_idx: int) -> bool:
