@@ -106,7 +106,9 @@ def test_budget_store_weighted_by_the_tasks_sensitivities(bench_and_stores):
 def test_findings_follow_the_numbers():
     ok = _report()
     assert all(ok.values()), [c for c, h in ok.items() if not h]
-    assert len(ok) == 15
+    assert len(ok) == 16
+    assert not _report(**{"results/individual/rtvq_b3o2": {"avg": 87.9, "per_task": {}}})[
+        "|RTVQ B3O2 - FP32| <= 2 points (individual)"]
     assert not _report(**{"results/task_arithmetic/rtvq_b3o2": {"avg": 67.9, "per_task": {}}})[
         "|RTVQ B3O2 - FP32| <= 2 points (task_arithmetic)"]
     assert not _report(**{"results/individual/rtvq_b3o2": {"avg": 85.0, "per_task": {}}})[
