@@ -53,9 +53,6 @@ def test_constant_subnormal_tensor_is_exact(c):
             assert torch.equal(path(x, spec), x), spec
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (affine_params): for a block range below ~1e-36 the float32 "
-                   "inverse step s = L / (hi - lo) (or half / amax) overflows to inf, 0 * inf = NaN, so 0 no "
-                   "longer maps to 0 (e.g. [0, 3e-38], 8-bit symmetric). Drop this mark once fixed.")
 @pytest.mark.parametrize("vals", [[0.0, 3e-38], [-1e-39, 0.0, 2e-39], [-1e-45, 0.0, 1e-45]])
 def test_tiny_range_zero_exact(vals):
     x = torch.tensor(vals, dtype=torch.float32)
@@ -66,9 +63,6 @@ def test_tiny_range_zero_exact(vals):
             assert torch.isfinite(xh).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (affine_params): with bits=1 the step (hi - lo) / 1 of a range "
-                   "wider than float32 max (e.g. [-3e38, 3e38]) overflows to inf and x_hat is NaN. "
-                   "Drop this mark once fixed.")
 def test_huge_range_stays_finite():
     x = torch.tensor([-3e38, 0.0, 3e38], dtype=torch.float32)
     for spec in SPECS:

@@ -23,6 +23,9 @@ from torch import Tensor
 from .config import QuantSpec
 
 CHUNK = 1 << 18  # elements per chunk in the streaming loops (1 MiB of fp32)
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_SAFE = _F32_MAX * (1 - 2.0 ** -20)  # largest reconstruction kept clear of float32 rounding up to inf
+_S_CAP = 2.0 ** 126  # inverse step of blocks too narrow for float32's (1 / 2^126 is exact)
 
 
 def _levels(bits: int) -> int:
@@ -44,17 +47,8 @@ def _rows(x: Tensor, spec: QuantSpec) -> Tensor:
     return flat.view(-1, g)
 
 
-def affine_params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Inverse step ``s``, zero-point ``z`` and ``scale`` (= step) from per-block ranges.
-
-    Computed in float64 then rounded to float32, so the zero-point is an exact integer and the
-    float32 ``scale`` is the correctly rounded step. A constant block ``c`` (``lo == hi``) gets
-    ``s = 0`` and ``scale = |c|`` (1 for 0): every code is then ``clamp(z)``, and ``z`` is chosen
-    as -1 (c > 0), 2^b (c < 0) or 0 (c = 0) so that ``(q - z) * scale == c`` exactly — also for
-    subnormal ``c``, whose inverse would overflow. Returns (s, z, scale), all float32.
-    """
-    lo64, hi64 = lo.double(), hi.double()
-    const = hi64 == lo64
+def _params64(lo64: Tensor, hi64: Tensor, const: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, z, scale) in float64 for the blocks' ranges; see :func:`affine_params`."""
     one = torch.ones_like(lo64)
     if spec.symmetric:
         half = (1 << (spec.bits - 1)) - 1
@@ -67,6 +61,39 @@ def affine_params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tens
         scale = span / _levels(spec.bits)
         s = _levels(spec.bits) / span
         z = -torch.round(s * lo64)
+    return s, z, scale
+
+
+def affine_params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse step ``s``, zero-point ``z`` and ``scale`` (= step) from per-block ranges.
+
+    Computed in float64 then rounded to float32, so the zero-point is an exact integer and the
+    float32 ``scale`` is the correctly rounded step. A constant block ``c`` (``lo == hi``) gets
+    ``s = 0`` and ``scale = |c|`` (1 for 0): every code is then ``clamp(z)``, and ``z`` is chosen
+    as -1 (c > 0), 2^b (c < 0) or 0 (c = 0) so that ``(q - z) * scale == c`` exactly — also for
+    subnormal ``c``, whose inverse would overflow.
+
+    At float32's limits (never for real weights) zero stays exact and nothing becomes inf or NaN,
+    while the error bound gives way: a block within a step of float32's max has its range shrunk
+    until its largest reconstruction ``amax + scale`` fits (values beyond take the end codes), and a
+    block narrower than float32's inverse step allows (about 1e-36) gets ``s = 2^126``,
+    ``scale = 2^-126``. Returns (s, z, scale), all float32.
+    """
+    lo64, hi64 = lo.double(), hi.double()
+    const = hi64 == lo64
+    s, z, scale = _params64(lo64, hi64, const, spec)
+    amax = torch.maximum(lo64.abs(), hi64.abs())
+    over = ~const & (amax + scale > _F32_SAFE)
+    if bool(over.any()):
+        f = torch.where(over, _F32_SAFE / (amax + scale), torch.ones_like(amax))
+        s, z, scale = _params64(lo64 * f, hi64 * f, const, spec)
+    tiny = ~const & (s > _F32_MAX)
+    if bool(tiny.any()):
+        s = torch.where(tiny, torch.full_like(s, _S_CAP), s)
+        scale = torch.where(tiny, torch.full_like(scale, 1.0 / _S_CAP), scale)
+        if not spec.symmetric:
+            z = torch.where(tiny, -torch.round(s * lo64), z)
+    one = torch.ones_like(lo64)
     const_z = torch.where(lo64 > 0, -one, torch.where(lo64 < 0, torch.full_like(lo64, float(1 << spec.bits)), 0 * one))
     s = torch.where(const, torch.zeros_like(s), s)
     z = torch.where(const, const_z, z)
