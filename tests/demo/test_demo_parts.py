@@ -142,3 +142,23 @@ def test_task_vector_cosine_of_a_known_store(tmp_path):
     st = TaskVectorStore(tmp_path / "s")
     assert task_vector_cosine(st, ["a", "b"], ["w", "v"]) == pytest.approx(2 ** -0.5)
     assert task_vector_cosine(st, ["a", "b"], ["w"]) == pytest.approx(2 ** -0.5)
+
+
+def test_config_overrides_typed_and_checked():
+    cfg = DemoConfig().with_overrides(["finetune_steps=150", "finetune_lr=1e-4", "budget_sensitivity=uniform",
+                                       "tasks=shapes,digits", "scaling_grid=0.2,0.4"])
+    assert (cfg.finetune_steps, cfg.finetune_lr, cfg.budget_sensitivity) == (150, 1e-4, "uniform")
+    assert cfg.tasks == ("shapes", "digits") and cfg.scaling_grid == (0.2, 0.4)
+    assert DemoConfig().with_overrides([]) == DemoConfig()
+    for bad, match in (("finetune_steps", "KEY=VALUE"), ("no_such=1", "KEY=VALUE"), ("adapt_runs=x", "KEY=VALUE"),
+                       ("finetune_steps=1.5", "not a valid int"), ("budget_sensitivity=fisher", "budget_sensitivity")):
+        with pytest.raises(TvqError, match=match):
+            DemoConfig().with_overrides([bad])
+
+
+def test_cli_set_error_is_one_line(capsys):
+    from tvq_lightning.cli.main import main
+
+    assert main(["demo", "--quick", "--set", "nope=1", "--out", "unused"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope=1" in err[0]

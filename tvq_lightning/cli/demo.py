@@ -13,6 +13,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the data and training seed")
     p.add_argument("--clip", default=None, help="a tiny CLIP folder (config.json + weights.safetensors); "
                                                 "default: the pre-trained one shipped in the package")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one DemoConfig setting (repeatable), e.g. --set finetune_steps=150 "
+                        "--set tinting_epochs=500 --set budget_sensitivity=uniform")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -22,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    run_demo(Path(args.out), cfg=replace(cfg, seed=args.seed), clip_dir=args.clip, progress=not args.no_progress)
+    cfg = replace(DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed).with_overrides(args.set)
+    run_demo(Path(args.out), cfg=cfg, clip_dir=args.clip, progress=not args.no_progress)
     return 0

@@ -1,6 +1,7 @@
 """The demo's settings: one typed, frozen dataclass; ``DemoConfig.quick()`` is the test-suite variant."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 from ..data.embedded import TASK_NAMES
@@ -73,6 +74,26 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.budget_sensitivity not in ("grad2", "uniform"):
             raise TvqError(f"DemoConfig budget_sensitivity={self.budget_sensitivity!r}: choose 'grad2' or 'uniform'")
+
+    def with_overrides(self, pairs: list[str]) -> DemoConfig:
+        """A copy with ``KEY=VALUE`` settings (``tvq demo --set``); tuples as comma-separated values."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in fields or key == "adapt_runs":
+                raise TvqError(f"--set {pair!r}: give KEY=VALUE with KEY one of "
+                               f"{', '.join(k for k in fields if k != 'adapt_runs')}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, tuple):
+                    kind = type(current[0]) if current else str
+                    changes[key] = tuple(kind(v) for v in value.split(",") if v)
+                else:
+                    changes[key] = type(current)(value)
+            except ValueError:
+                raise TvqError(f"--set {pair!r}: {value!r} is not a valid {type(current).__name__} for {key}") from None
+        return replace(self, **changes)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
