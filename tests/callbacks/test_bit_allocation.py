@@ -119,7 +119,7 @@ def test_fallback_to_training_step(tmp_path, run):
 def test_scheme_mismatch_fails_before_training(tmp_path, run):
     with pytest.raises(TvqError, match="BitAllocation scheme=rtvq but QuantizeOnSave scheme=tvq"):
         run("a", [QuantizeOnSave(str(tmp_path / "s")), BitAllocation(budget=3, scheme="rtvq")], steps=1000)
-    with pytest.raises(TvqError, match="tvq and rtvq schemes; QuantizeOnSave uses fp32"):
+    with pytest.raises(TvqError, match="applies to the tvq, rtvq, bitdelta schemes; QuantizeOnSave uses fp32"):
         run("a", [QuantizeOnSave(str(tmp_path / "s"), scheme="fp32"), BitAllocation(budget=3)], steps=1000)
     with pytest.raises(TvqError, match="sensitivity='fisher'"):
         BitAllocation(budget=3, sensitivity="fisher")
@@ -156,3 +156,11 @@ def test_writer_allocation_parameter(tmp_path):
     with pytest.raises(QuantConfigError, match="allocation is for tvq, the store config is rtvq"):
         quantize_to_store(pre, {"t": ft}, tmp_path / "s3", StoreConfig("rtvq"), allocation=alloc, progress=False)
     assert not math.isnan(lay.allocation["objective"])
+
+
+def test_bitdelta_allocation_is_one_bit_per_key():
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(8, 8, generator=g), "b": torch.zeros(8)}
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+    alloc, weights = BitAllocation(budget=1.5, sensitivity="uniform").tvq_allocation(pre, ft, StoreConfig("bitdelta"))
+    assert weights is None and alloc.scheme == "bitdelta" and alloc.bits == {"w": 1}

@@ -137,3 +137,33 @@ def test_resumed_run_keeps_the_starting_weights(tmp_path, run):
     tau = {k: v - first.start[k] for k, v in enc.state_dict().items()}
     assert any(not torch.equal(v, first.encoder.state_dict()[k]) for k, v in enc.state_dict().items())
     assert_stored(TaskVectorStore(tmp_path / "store"), "a", tau)  # final - theta_0, not final - step 3
+
+
+def _rel_error(store: TaskVectorStore, task: str, tau: dict) -> float:
+    from tvq_lightning.quant.schemes import relative_l2_error
+
+    keys = [k for k in store.keys if store.layout.keys[k].quantized]
+    return relative_l2_error(torch.cat([store.task_vector(task, k).reshape(-1) for k in keys]),
+                             torch.cat([tau[k].reshape(-1) for k in keys]))
+
+
+def test_rtvq_one_run_per_task_recomputes_the_one_task_base(tmp_path, run):
+    ra = run("a", [QuantizeOnSave(str(tmp_path / "store"), scheme="rtvq")])
+    rb = run("b", [QuantizeOnSave(str(tmp_path / "store"), scheme="rtvq")])
+    store = TaskVectorStore(tmp_path / "store")
+    assert store.layout.base_tasks == ("a", "b")  # the second run recomputed the base over both tasks
+    for r, t in ((ra, "a"), (rb, "b")):  # a frozen one-task base gave task b an error of ~1
+        assert _rel_error(store, t, r.tau()) < 0.6, t
+
+
+def test_bitdelta_store_from_runs(tmp_path, run):
+    from tvq_lightning.quant.schemes import bitdelta_dequantize, bitdelta_quantize
+
+    ra = run("a", [QuantizeOnSave(str(tmp_path / "store"), scheme="bitdelta")])
+    store = TaskVectorStore(tmp_path / "store")
+    assert store.config.label == "BitDelta" and store.scheme == "bitdelta"
+    for k, v in ra.tau().items():
+        want = bitdelta_dequantize(*bitdelta_quantize(v), v.shape) if store.layout.keys[k].quantized else v
+        assert torch.equal(store.task_vector("a", k), want), k
+    with pytest.raises(TvqError, match="unknown: choose one of"):
+        QuantizeOnSave(str(tmp_path / "s"), scheme="int3")

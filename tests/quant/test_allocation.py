@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvq_lightning.errors import BudgetError
-from tvq_lightning.quant import allocation as A
+from tvq_lightning.quant import error_tables as A  # stage 1 (error tables) internals
 from tvq_lightning.quant.allocation import (Allocation, ErrorTable, allocate_bits, allocate_from_taus,
                                             key_error_table)
 from tvq_lightning.quant.config import QuantSpec

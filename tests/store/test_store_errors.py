@@ -369,7 +369,7 @@ def test_crash_while_adding_leaves_store_identical(tmp_path, files, snap, monkey
     out = tmp_path / "s"
     quantize_to_store(files.pre, {"t0": files.fts["t0"], "t1": files.fts["t1"]}, out, cfg, progress=False)
     before = snap(tmp_path)
-    target = "encode_rtvq" if rtvq_base == "recompute" else "encode_single"
+    target = "encode_joint" if rtvq_base == "recompute" else "encode_single"
     _crash_after(monkeypatch, target, 5 if target == "encode_single" else 2)
     with pytest.raises(Crash):
         quantize_to_store(files.pre, {"t2": files.fts["t2"]}, out, cfg, rtvq_base=rtvq_base, progress=False)

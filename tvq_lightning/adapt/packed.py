@@ -5,9 +5,11 @@ the task vectors must live on the accelerator. Holding T dequantized float32 cop
 ``4 T P`` bytes for a model of P parameters; :class:`PackedTaskVectors` instead registers, per
 store key and task, exactly what the store holds:
 
-- quantized keys (TVQ / FQ): the uint8 packed codes (``b`` bits per entry), the int32 zero-points
-  and the float32 scales (one per block): ``b P / 8`` bytes per task;
-- RTVQ: the base's packed codes once per key, plus each task's packed offset;
+- quantized keys: exactly the tensors the store holds for them (TVQ / FQ: the uint8 packed
+  codes, ``b`` bits per entry, the int32 zero-points and the float32 scales, one per block:
+  ``b P / 8`` bytes per task; BitDelta: 1-bit signs and the scales), decoded by the store's
+  scheme object (``Scheme.decode``, the same code the store reader runs);
+- a shared file's parts (RTVQ: the base's packed codes) once per key; FQ: theta_0's key once;
 - full-precision keys (biases, norms; every key of an fp32 store): the float32 task vector;
 - a task vector that is exactly zero: nothing.
 
@@ -37,23 +39,46 @@ from torch import Tensor, nn
 from ..errors import StoreError
 from ..merging.engine import plan_merge, run_passes
 from ..merging.methods.ties import Ties, TiesConfig
-from ..quant.config import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
-from ..quant.qtensor import QTensor
+from ..store.layout import KeyInfo
 from ..store.reader import TaskVectorStore
 
 
 @dataclass
 class _KeyEntry:
-    """How one key's buffers are laid out: per task ``"q"`` (packed), ``"v"`` (float) or None."""
+    """How one key's buffers are laid out: per task ``"q"`` (scheme parts), ``"v"`` (float) or None."""
 
     index: int
     shape: tuple[int, ...]
+    info: KeyInfo | None = None
     kinds: list[str | None] = field(default_factory=list)
-    specs: list[QuantSpec | None] = field(default_factory=list)
-    base_spec: QuantSpec | None = None
-    fq: bool = False          # FQ: the codes are theta_t, tau = x_hat - theta_0
+    suffixes: list[tuple[str, ...]] = field(default_factory=list)  # per task: the stored parts' suffixes
+    shared: tuple[str, ...] | None = None  # the shared file's parts (RTVQ's base), if any
+    pre: bool = False         # theta_0's key is held (the scheme decodes against it: FQ)
     elect: bool = False       # a 2-bit elected-sign buffer exists (AdaMerging++)
+
+
+def _buffer_name(prefix: str, suffix: str) -> str:
+    """``k3_t1`` + ``#q`` -> ``k3_t1_q``; the full-precision part ``""`` -> ``k3_t1_v``."""
+    return prefix + ("_" + suffix.lstrip("#") if suffix else "_v")
+
+
+class _BufferParts(Mapping):
+    """A key's parts held as buffers of ``module``, by suffix (the scheme decodes from this)."""
+
+    def __init__(self, module: nn.Module, prefix: str, suffixes: Sequence[str]):
+        self.module, self.prefix, self.suffixes = module, prefix, suffixes
+
+    def __getitem__(self, suffix: str) -> Tensor:
+        if suffix not in self.suffixes:
+            raise KeyError(suffix)
+        return getattr(self.module, _buffer_name(self.prefix, suffix))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.suffixes)
+
+    def __len__(self) -> int:
+        return len(self.suffixes)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -100,6 +125,8 @@ class PackedTaskVectors(nn.Module):
                              "the encoder must be the model the store was built from")
         self.keys = list(store.keys)
         self.scheme = store.scheme
+        self.config = store.config
+        self.scheme_impl = store.scheme_impl
         self.store_path = str(store.path)
         self.fingerprint = store.fingerprint
         self.ties = TiesConfig() if ties is True else (ties or None)
@@ -114,35 +141,33 @@ class PackedTaskVectors(nn.Module):
     def _put(self, name: str, t: Tensor) -> None:
         self.register_buffer(name, t.detach().contiguous().clone(), persistent=False)
 
-    def _put_q(self, prefix: str, q: QTensor) -> None:
-        self._put(prefix + "_q", q.packed)
-        self._put(prefix + "_z", q.zero_point)
-        self._put(prefix + "_s", q.scale)
+    def _put_parts(self, prefix: str, parts: Mapping[str, Tensor]) -> tuple[str, ...]:
+        suffixes = tuple(parts)
+        for s in suffixes:
+            self._put(_buffer_name(prefix, s), parts[s])
+        return suffixes
 
     def _register_key(self, store: TaskVectorStore, i: int, key: str, theta0: Tensor) -> _KeyEntry:
         info = store.layout.keys[key]
-        e = _KeyEntry(i, tuple(int(d) for d in info.shape), fq=self.scheme == "fq")
+        e = _KeyEntry(i, tuple(int(d) for d in info.shape), info)
         if not info.quantized:
             for t, tau in enumerate(store.task_vectors(key, self.tasks)):
                 nonzero = bool(tau.ne(0).any())
                 e.kinds.append("v" if nonzero else None)
-                e.specs.append(None)
+                e.suffixes.append(("",) if nonzero else ())
                 if nonzero:
                     self._put(f"k{i}_t{t}_v", tau.float())
-            e.fq = False
             return e
-        base = store.base_qtensor(key)
-        if base is not None:
-            e.base_spec = base.spec
-            self._put_q(f"k{i}_base", base)
-        if e.fq:
+        shared = store.shared_parts(key)
+        if shared is not None and len(shared):
+            e.shared = self._put_parts(f"k{i}_base", shared)
+        if self.scheme_impl.needs_pretrained:
+            e.pre = True
             self._put(f"k{i}_pre", theta0.float())  # FQ baseline only: one theta_0 copy of the key
         for t, task in enumerate(self.tasks):
-            q = store.qtensor(task, key)
-            e.kinds.append(None if q is None else "q")
-            e.specs.append(None if q is None else q.spec)
-            if q is not None:
-                self._put_q(f"k{i}_t{t}", q)
+            parts = store.parts(task, key)
+            e.kinds.append("q" if len(parts) else None)
+            e.suffixes.append(self._put_parts(f"k{i}_t{t}", parts))
         return e
 
     def _build_election(self, store: TaskVectorStore, pretrained: Mapping[str, Tensor]) -> None:
@@ -170,15 +195,18 @@ class PackedTaskVectors(nn.Module):
     def _buf(self, name: str) -> Tensor:
         return getattr(self, name)
 
-    def _qt(self, prefix: str, shape: tuple[int, ...], spec: QuantSpec) -> QTensor:
-        return QTensor(self._buf(prefix + "_q"), self._buf(prefix + "_z"), self._buf(prefix + "_s"), shape, spec)
+    def _shared(self, e: _KeyEntry):
+        """What the scheme needs for every task of the key (RTVQ: the decoded base; FQ: theta_0)."""
+        shared = None if e.shared is None else _BufferParts(self, f"k{e.index}_base", e.shared)
+        pre = self._buf(f"k{e.index}_pre") if e.pre else None
+        return self.scheme_impl.decode_shared(self.config, e.info, shared, pre)
 
     def _iter_raw(self, key: str, tasks: Sequence[int] | None = None,
                   readonly: bool = False) -> Iterator[tuple[int, Tensor]]:
         """``(t, tau_t)`` (untrimmed float32 tensors) for the non-zero tasks of ``key``: fresh ones,
         or with ``readonly`` exact vectors are the packed buffers themselves (no copy)."""
         e = self._entry(key)
-        base_hat = None
+        shared, decoded = None, False
         for t in range(len(self.tasks)) if tasks is None else tasks:
             kind = e.kinds[t]
             if kind is None:
@@ -187,14 +215,10 @@ class PackedTaskVectors(nn.Module):
                 v = self._buf(f"k{e.index}_t{t}_v")
                 yield t, v if readonly else v.clone()
                 continue
-            tau = self._qt(f"k{e.index}_t{t}", e.shape, e.specs[t]).dequantize()
-            if e.fq:
-                tau = tau.sub_(self._buf(f"k{e.index}_pre"))
-            elif e.base_spec is not None:
-                if base_hat is None:
-                    base_hat = self._qt(f"k{e.index}_base", e.shape, e.base_spec).dequantize()
-                tau = tau.add_(base_hat)
-            yield t, tau
+            if not decoded:
+                shared, decoded = self._shared(e), True
+            parts = _BufferParts(self, f"k{e.index}_t{t}", e.suffixes[t])
+            yield t, self.scheme_impl.decode(self.config, e.info, parts, shared)
 
     def _elect(self, e: _KeyEntry, t: int, tau: Tensor, gamma: Tensor | None) -> Tensor:
         keep = tau.abs() >= self.thresholds[t]

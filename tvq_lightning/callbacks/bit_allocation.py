@@ -49,6 +49,7 @@ from torch import Tensor
 from ..errors import TvqError
 from ..quant.allocation import Allocation, ErrorTable, allocate_bits, key_error_table
 from ..quant.policy import is_quantized
+from ..quant.schemes import get_scheme, list_schemes
 from ..quant.sensitivity import accumulate_squared_gradients
 from ..store.layout import StoreConfig
 from .quantize_on_save import QuantizeOnSave, submodule_of
@@ -59,8 +60,9 @@ class BitAllocation(Callback):
 
     Args:
         budget: bits per quantized parameter per task.
-        scheme: ``tvq`` or ``rtvq``; default: QuantizeOnSave's scheme (a different one is an error).
-        num_tasks: RTVQ: how many tasks the store will hold (prices the shared base).
+        scheme: a scheme with bit allocation (``tvq``, ``rtvq``, ``bitdelta``); default:
+            QuantizeOnSave's scheme (a different one is an error).
+        num_tasks: schemes with a shared base (RTVQ): how many tasks the store will hold (prices the base).
         per_tensor: a width per tensor (True) or one width for all (False).
         num_batches: training batches for the gradient estimate.
         submodule: attribute path of the module whose keys are allocated (as in QuantizeOnSave).
@@ -69,7 +71,7 @@ class BitAllocation(Callback):
         max_samples: elements per tensor sampled for the error tables.
     """
 
-    def __init__(self, budget: float, scheme: Literal["tvq", "rtvq"] | None = None, num_tasks: int = 1,
+    def __init__(self, budget: float, scheme: str | None = None, num_tasks: int = 1,
                  per_tensor: bool = True, num_batches: int = 8, submodule: str = "encoder",
                  sensitivity: Literal["grad2", "uniform"] = "grad2", min_bits: int = 1, max_bits: int = 8,
                  max_samples: int = 1 << 16):
@@ -105,8 +107,9 @@ class BitAllocation(Callback):
             self._check_scheme(cb.config.scheme)
 
     def _check_scheme(self, scheme: str) -> None:
-        if scheme not in ("tvq", "rtvq"):
-            raise TvqError(f"BitAllocation applies to the tvq and rtvq schemes; QuantizeOnSave uses {scheme}")
+        if not get_scheme(scheme).allocation_fields:
+            able = [n for n in list_schemes() if get_scheme(n).allocation_fields]
+            raise TvqError(f"BitAllocation applies to the {', '.join(able)} schemes; QuantizeOnSave uses {scheme}")
         if self.scheme is not None and self.scheme != scheme:
             raise TvqError(f"BitAllocation scheme={self.scheme} but QuantizeOnSave scheme={scheme}; "
                            f"drop BitAllocation's scheme or make them equal")
@@ -156,7 +159,7 @@ class BitAllocation(Callback):
         """
         scheme = config.scheme
         self._check_scheme(scheme)
-        T = self.num_tasks if scheme == "rtvq" else 1
+        T = self.num_tasks if get_scheme(scheme).shared_file else 1
         keys = [k for k, v in pretrained.items() if is_quantized(k, v.shape, v.dtype, config.policy)]
         if not keys:
             raise TvqError(f"BitAllocation: no tensor of {self.submodule} is quantized under policy {config.policy!r}")

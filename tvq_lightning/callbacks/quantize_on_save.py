@@ -27,7 +27,8 @@ checkpoint) replace it, as does a first save with ``overwrite_task: true`` or in
 only that task it is rebuilt (``overwrite``, staged and swapped atomically); otherwise the new
 version is added under a temporary name, then ``layout.json`` is atomically rewritten to point
 the task at the new file, and the old file is deleted. In an RTVQ store, a replaced task's offset
-is taken against the stored (frozen) base.
+is taken against the stored (frozen) base; the second task added to a store whose base was built
+from one task recomputes the base over both (a one-task base is that task's own vector).
 
 With a ``BitAllocation`` callback in the same Trainer (any callback with a ``tvq_allocation``
 method), the per-key widths are chosen from this run's task vector before a new store is
@@ -55,6 +56,7 @@ from ..store.checkpoints import load_state_dict
 from ..store.fingerprint import fingerprint_state_dict
 from ..store.io import atomic_write_json
 from ..store.layout import LAYOUT_FILE, StoreConfig, read_layout
+from ..quant.schemes import DEFAULT_SCHEME
 from ..store.sources import check_task_name
 from ..store.writer import quantize_to_store
 
@@ -88,8 +90,9 @@ class QuantizeOnSave(Callback):
         pretrained_prefix: with ``pretrained``, the key prefix of the sub-module in that file.
         save_pretrained: write the captured theta_0 here as safetensors (once).
         scheme, bits, base_bits, offset_bits, granularity, group_size, policy, error_correction:
-            the store's settings (:class:`~tvq_lightning.store.StoreConfig`); an existing store
-            must have the same ones.
+            the store's settings (:class:`~tvq_lightning.store.StoreConfig`; ``scheme`` is any
+            registered scheme, ``tvq_lightning.quant.list_schemes()``); an existing store must
+            have the same ones.
         on: write at the end of training, at every checkpoint save, or both.
         overwrite_task: replace the task if the store already holds it before this run.
     """
@@ -97,7 +100,7 @@ class QuantizeOnSave(Callback):
     def __init__(self, store: str, task: str | None = None, submodule: str = "encoder",
                  pretrained: str | None = None, pretrained_prefix: str | None = None,
                  save_pretrained: str | None = None,
-                 scheme: Literal["fp32", "fq", "tvq", "rtvq"] = "tvq", bits: int = 4, base_bits: int = 3,
+                 scheme: str = DEFAULT_SCHEME, bits: int = 4, base_bits: int = 3,
                  offset_bits: int = 2, granularity: Literal["tensor", "channel", "group"] = "tensor",
                  group_size: int = 128, policy: str = "rank", error_correction: bool = True,
                  on: Literal["end", "checkpoint", "both"] = "end", overwrite_task: bool = False):

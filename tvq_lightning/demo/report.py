@@ -20,7 +20,15 @@ from ..store.io import atomic_write_bytes, atomic_write_json
 METHOD_ORDER = ("pretrained", "individual", "task_arithmetic", "ties", "emr", "consensus", "lines", "magmax",
                 "breadcrumbs", "adamerging_task", "adamerging_layer", "tinting")
 LABELS = {"fp32": "FP32", "fq8": "FQ8", "fq4": "FQ4", "tvq8": "TVQ8", "tvq4": "TVQ4", "tvq3": "TVQ3", "tvq2": "TVQ2",
-          "rtvq_b3o2": "RTVQ B3O2", "budget": "budget"}
+          "rtvq_b3o2": "RTVQ B3O2", "budget": "budget", "bitdelta": "BitDelta"}
+
+
+def _columns(report: dict) -> list[tuple[str, str]]:
+    """(report name, column label) of every store: the known ones in LABELS' order, then any other
+    (a newly registered scheme) under its store label."""
+    sto = report["storage"]
+    known = [(s, LABELS[s]) for s in LABELS if s in sto]
+    return known + [(s, str(sto[s].get("label", s))) for s in sto if s not in LABELS]
 
 
 def machine() -> str:
@@ -83,8 +91,9 @@ def findings(report: dict) -> list[dict]:
 
 
 def main_table(report: dict) -> str:
-    schemes = [s for s in LABELS if s in report["storage"]]
-    head = "| method | " + " | ".join(LABELS[s] for s in schemes) + " |"
+    columns = _columns(report)
+    schemes = [s for s, _ in columns]
+    head = "| method | " + " | ".join(label for _, label in columns) + " |"
     lines = [head, "|" + "---|" * (len(schemes) + 1)]
     for m in METHOD_ORDER:
         row = report["results"].get(m)

@@ -22,7 +22,6 @@ from ..store.reader import TaskVectorStore
 from ..store.sources import Source, WeightsLike, open_source
 from .base import KeyInput, Merger, PerTaskDelta
 from .blocks import detect_blocks
-from .histogram import level_histogram
 from .registry import create_merger
 
 
@@ -48,8 +47,10 @@ class MergePlan:
         p = self.pretrained.sd[key]
         info = self.store.layout.keys[key]
         levels = None
-        if with_levels and info.quantized and self.store.scheme == "tvq":
-            levels = [_levels(self.store, t, key) for t in self.tasks]
+        if with_levels and info.quantized:
+            impl, cfg = self.store.scheme_impl, self.store.config
+            levels = [impl.levels(cfg, info, self.store.parts(t, key)) for t in self.tasks]
+            levels = levels if any(lv is not None for lv in levels) else None
         dev = self.device
 
         def taus() -> list[Tensor]:
@@ -57,11 +58,6 @@ class MergePlan:
 
         return KeyInput(key, p.to(dev, torch.float32), taus, self.tasks, self.blocks.get(key), self.depth,
                         info.quantized, levels)
-
-
-def _levels(store: TaskVectorStore, task: str, key: str):
-    q = store.qtensor(task, key)
-    return None if q is None else level_histogram(q)
 
 
 def plan_merge(store: str | Path | TaskVectorStore, pretrained: WeightsLike, method: str | Merger, *,

@@ -1,4 +1,4 @@
-"""Bit allocation for TVQ / RTVQ under a memory budget.
+"""Bit allocation under a memory budget, for the schemes that have one (TVQ, RTVQ, BitDelta).
 
 The budget ``B`` is in bits per quantized parameter per task, averaged over the quantized keys
 weighted by their element counts ``n_k``. TVQ with ``b_k`` bits on key ``k`` stores
@@ -9,17 +9,8 @@ The objective is the sensitivity-weighted reconstruction error ``sum_k w_k E_k``
 ``E_k = sum_t ||tau_tk - tau_hat_tk||^2``; ``w_k`` defaults to 1 and can be a diagonal-Fisher
 estimate (mean squared gradient of key ``k``).
 
-Stage 1, :func:`key_error_table`, runs once per key while the store writer streams over the
-keys. Every candidate is measured with the real quantizer: TVQ ``E(b)`` for ``b = 1..8``, RTVQ
-``E(bb, bo)`` for all 64 pairs, offsets taken against the quantized base (error correction) or
-the full-precision mean. Ranges, which set the step, always come from the full tensor; the
-squared error is evaluated on an evenly strided subsample of at most ``max_samples`` elements
-(seeded random start) and scaled by ``numel / samples``. With error correction the offset range
-depends on the base width; it is found exactly in one pass: the sum over ``bb`` of the base
-codes is monotone in ``beta``, so it labels at most 503 bins inside which every base code is
-constant, and per-bin min / max of each ``tau_t`` give the range of ``tau_t - x_hat(beta)`` for
-all eight base widths at once. Single-pass numba kernels serve per-tensor granularity (tensors
-of 32k+ elements); torch code serves the rest and machines without numba (``TVQ_DISABLE_NUMBA=1``).
+Stage 1, :func:`~.error_tables.key_error_table` (``quant/error_tables.py``), runs once per key
+while the store writer streams over the keys; the scheme object chooses the candidates it measures.
 
 Stage 2, :func:`allocate_bits`. Uniform (default): every feasible store-wide choice (``b``, or
 ``(bb, bo)``) is enumerated and the lowest objective wins, ties going to fewer bits. Per tensor
@@ -35,221 +26,30 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ..errors import BudgetError
-from .affine import _rows, affine_params, block_ranges, dequantize_rows, quantize_rows
-from .config import MAX_BITS, QuantSpec, check_bits
+from .config import QuantSpec, check_bits
+from .error_tables import ErrorTable, key_error_table
 
-try:  # numba is a dependency; keep the module importable without it
-    from numba import njit
-except ImportError:  # pragma: no cover
-    njit = None
-
-Scheme = Literal["tvq", "rtvq"]
-BITS = tuple(range(1, MAX_BITS + 1))
-LEVELS = torch.tensor([float((1 << b) - 1) for b in BITS])
-_FAST_MIN = 1 << 15  # smaller tensors take the torch path
-
-if njit is not None:  # serial kernels: no thread pool to fight torch's; parallelise across keys instead
-
-    @njit(cache=True, nogil=True)
-    def _bins_nb(beta, s, z, lev, rep):  # pragma: no cover - compiled
-        out = np.zeros(beta.size, np.int32)
-        for k in range(s.size):  # same float ops as affine.quantize_rows
-            sk, zk, top = s[k], z[k], lev[k]
-            for i in range(beta.size):
-                out[i] += np.int32(min(max(np.rint(beta[i] * sk + zk), np.float32(0.0)), top))
-        for i in range(beta.size):
-            rep[out[i]] = beta[i]  # any member: every code is constant inside a bin
-        return out
-
-    @njit(cache=True, nogil=True)
-    def _ranges_nb(x, sub, bins, nbins):  # pragma: no cover - compiled
-        lo = np.full(nbins, np.inf, np.float32)
-        hi = np.full(nbins, -np.inf, np.float32)
-        for i in range(x.size):
-            v = x[i] - sub[i] if sub.size else x[i]
-            k = bins[i] if bins.size else 0
-            if v < lo[k]:
-                lo[k] = v
-            if v > hi[k]:
-                hi[k] = v
-        return lo, hi
-
-    @njit(cache=True, nogil=True, fastmath={"reassoc"})
-    def _errors_nb(tau, ref, base, s, z, c, lev, out):  # pragma: no cover - compiled
-        T, m = tau.shape
-        for b in range(base.shape[0]):
-            r = b if ref.shape[0] > 1 else 0
-            for t in range(T):
-                for o in range(lev.size):
-                    si, zi, ci, top = s[b, o, t], z[b, o, t], c[b, o, t], lev[o]
-                    acc = 0.0
-                    for i in range(m):
-                        x = tau[t, i]
-                        q = min(max(np.rint((x - ref[r, i]) * si + zi), np.float32(0.0)), top)
-                        e = x - ((q - zi) * ci + base[b, i])
-                        acc += e * e
-                    out[b, o, t] = acc
+__all__ = ["Allocation", "ErrorTable", "allocate_bits", "allocate_from_taus", "key_error_table"]
 
 
-def _fast(spec: QuantSpec, x: Tensor) -> bool:
-    """Use the numba kernels: per-tensor CPU data (small tensors are as fast in torch)."""
-    return (njit is not None and os.environ.get("TVQ_DISABLE_NUMBA", "") not in ("1", "true", "yes")
-            and spec.granularity == "tensor" and x.device.type == "cpu" and x.numel() >= _FAST_MIN)
+def _scheme(name: str):
+    from .schemes import get_scheme
 
-
-def _params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(s, z, scale) for every width 1..8 stacked on a new leading dim, plus which widths are valid."""
-    valid = [not (spec.symmetric and b < 2) for b in BITS]  # symmetric needs 2 bits
-    p = [affine_params(lo, hi, spec.with_bits(b if ok else 2)) for b, ok in zip(BITS, valid)]
-    s, z, sc = (torch.stack(v) for v in zip(*p))
-    return s, z, sc, torch.tensor(valid)
-
-
-def _ranges(xs: list[Tensor], sub: Tensor | None, spec: QuantSpec, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Per-block (min, max) of ``x - sub`` for each task: (T, blocks) each."""
-    out = []
-    for x in xs:
-        if _fast(spec, x):
-            empty = np.empty(0, np.float32)
-            out.append(tuple(map(torch.from_numpy, _ranges_nb(
-                x.numpy(), empty if sub is None else sub.numpy(), np.empty(0, np.int32), 1))))
-        else:
-            out.append(block_ranges(_rows((x if sub is None else x - sub).view(shape), spec)))
-    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-
-
-def _offset_ranges(xs: list[Tensor], beta: Tensor, bp: tuple[Tensor, ...], spec: QuantSpec,
-                   shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Per-block range of ``tau_t - x_hat_bb(beta)`` for every base width: (8, T, blocks) each."""
-    s, z, sc, _ = bp
-    if not _fast(spec, beta):
-        rows = _rows(beta.view(shape), spec)
-        los, his = [], []
-        for i, b in enumerate(BITS):
-            xb = dequantize_rows(quantize_rows(rows, s[i], z[i], b), z[i], sc[i]).reshape(-1)[: beta.numel()]
-            lo, hi = _ranges(xs, xb, spec, shape)
-            los.append(lo)
-            his.append(hi)
-        return torch.stack(los), torch.stack(his)
-    lev = LEVELS.numpy().astype(np.float32)
-    rep = np.full(int(lev.sum()) + 1, np.nan, np.float32)
-    bins = _bins_nb(beta.numpy(), s[:, 0].contiguous().numpy(), z[:, 0].contiguous().numpy(), lev, rep)
-    used = torch.from_numpy(rep).isfinite()
-    reps = torch.from_numpy(rep)[used].view(1, -1)
-    levels = torch.stack([dequantize_rows(quantize_rows(reps, s[i], z[i], b), z[i], sc[i])[0]
-                          for i, b in enumerate(BITS)])  # (8, bins): x_hat of each bin per width
-    los, his = [], []
-    for x in xs:
-        lo, hi = (torch.from_numpy(r)[used] for r in _ranges_nb(x.numpy(), np.empty(0, np.float32), bins, rep.size))
-        los.append((lo - levels).amin(1, keepdim=True))  # fl(v - L) is monotone in v: exact
-        his.append((hi - levels).amax(1, keepdim=True))
-    return torch.stack(los, 1), torch.stack(his, 1)
-
-
-def _errors(tau: Tensor, ref: Tensor, base: Tensor, s: Tensor, z: Tensor, c: Tensor, blk: Tensor,
-            fast: bool) -> Tensor:
-    """Squared error of ``tau - (base + x_hat(tau - ref))`` per (base row, width, task): float64."""
-    nb, T = base.shape[0], tau.shape[0]
-    if fast:
-        out = np.zeros((nb, len(BITS), T), np.float64)
-        _errors_nb(tau.numpy(), ref.contiguous().numpy(), base.contiguous().numpy(), s[..., 0].contiguous().numpy(),
-                   z[..., 0].contiguous().numpy(), c[..., 0].contiguous().numpy(), LEVELS.numpy(), out)
-        return torch.from_numpy(out)
-    out = torch.empty(nb, len(BITS), T, dtype=torch.float64)
-    for b in range(nb):
-        d = tau - ref[b if ref.shape[0] > 1 else 0]
-        for o in range(len(BITS)):
-            S, Z, C = (p[b, o][:, blk] for p in (s, z, c))
-            q = (d * S).add_(Z).round_().clamp_(0.0, float(LEVELS[o]))
-            e = tau - q.sub_(Z).mul_(C).add_(base[b])
-            out[b, o] = (e * e).sum(1, dtype=torch.float64)
-    return out
-
-
-def _mean(xs: list[Tensor]) -> Tensor:
-    """``beta`` exactly as ``schemes.rtvq_base`` computes it: summed in task order, then divided."""
-    if len(xs) == 1:
-        return xs[0]
-    acc = xs[0].clone()
-    for x in xs[1:]:
-        acc.add_(x)
-    return acc.div_(len(xs))
-
-
-@dataclass(frozen=True, eq=False)
-class ErrorTable:
-    """Measured squared error of one key, summed over tasks, for every candidate width.
-
-    ``errors[b - 1]`` (TVQ, shape [8]) or ``errors[bb - 1, bo - 1]`` (RTVQ, shape [8, 8]), float64;
-    ``inf`` marks widths the spec cannot use (1 bit when symmetric).
-    """
-
-    numel: int
-    scheme: str
-    num_tasks: int
-    errors: Tensor
-
-
-def key_error_table(taus: Sequence[Tensor], scheme: Scheme, *, spec: QuantSpec = QuantSpec(),
-                    error_correction: bool = True, max_samples: int = 1 << 16, seed: int = 0) -> ErrorTable:
-    """Error of every TVQ width / RTVQ (base, offset) pair for one key's ``T`` task vectors."""
-    if scheme not in ("tvq", "rtvq"):
-        raise ValueError(f"scheme={scheme!r} is unknown: choose 'tvq' or 'rtvq'")
-    if len(taus) == 0 or any(t.shape != taus[0].shape for t in taus):
-        raise ValueError("key_error_table needs one or more task vectors of the same shape")
-    shape, T = tuple(taus[0].shape), len(taus)
-    xs = [t.detach().cpu().float().contiguous().view(-1) for t in taus]  # statistics run on the CPU
-    n = xs[0].numel()
-    if n == 0:
-        return ErrorTable(0, scheme, T, torch.zeros((8,) if scheme == "tvq" else (8, 8), dtype=torch.float64))
-    m = min(n, max(1, int(max_samples)))
-    if m < n:  # evenly strided subsample, seeded start
-        u = float(torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-        idx = ((torch.arange(m, dtype=torch.float64) + u) * (n / m)).long().clamp_(max=n - 1)
-    else:
-        idx = torch.arange(n)
-    width = spec.group_size if spec.granularity == "group" else (
-        n // shape[0] if spec.granularity == "channel" and shape else n)  # elements per (scale, zero)
-    blk = idx // width
-    tau = torch.stack([x[idx] for x in xs]) if m < n else torch.stack(xs)
-    fast = _fast(spec, xs[0])
-    if scheme == "tvq":
-        s, z, c, valid = (p.unsqueeze(0) for p in _params(*_ranges(xs, None, spec, shape), spec))
-        ref = base = torch.zeros(1, m)
-        valid = valid.view(1, -1)
-    else:
-        beta = _mean(xs)
-        bp = _params(*(r[0] for r in _ranges([beta], None, spec, shape)), spec)  # (8, blocks) each
-        beta_s = beta[idx]
-        q = (beta_s * bp[0][:, blk]).add_(bp[1][:, blk]).round_().clamp_(min=0.0)  # quantize_rows' ops
-        base = torch.minimum(q, LEVELS.view(-1, 1)).sub_(bp[1][:, blk]).mul_(bp[2][:, blk])  # (8, m)
-        if error_correction:
-            lo, hi = _offset_ranges(xs, beta, bp, spec, shape)
-            ref = base
-        else:
-            lo, hi = (r.expand(len(BITS), -1, -1) for r in _ranges(xs, beta, spec, shape))
-            ref = beta_s.view(1, -1)
-        *sz, ovalid = _params(lo, hi, spec)
-        s, z, c = (p.transpose(0, 1) for p in sz)  # (bb, bo, T, blocks)
-        valid = bp[3].view(-1, 1) & ovalid.view(1, -1)
-    err = _errors(tau, ref, base, s, z, c, blk, fast).sum(-1) * (n / m)
-    err = torch.where(valid, err, torch.full_like(err, math.inf))
-    return ErrorTable(n, scheme, T, err[0] if scheme == "tvq" else err)
+    return get_scheme(name)
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """Chosen widths per key. TVQ fills ``bits``; RTVQ fills ``base_bits`` and ``offset_bits``.
+    """Chosen widths per key: the scheme's allocation fields (TVQ, BitDelta: ``bits``; RTVQ:
+    ``base_bits`` and ``offset_bits``).
 
     ``bits_per_param`` is the achieved storage in bits per quantized parameter per task and
     ``objective`` the sensitivity-weighted error ``sum_k w_k E_k`` it was chosen for.
@@ -266,14 +66,18 @@ class Allocation:
     offset_bits: dict[str, int] = field(default_factory=dict)
 
     def specs(self, key: str, spec: QuantSpec = QuantSpec()) -> QuantSpec | tuple[QuantSpec, QuantSpec]:
-        """``spec`` with this key's width (TVQ), or its (base, offset) specs (RTVQ)."""
-        if self.scheme == "tvq":
-            return spec.with_bits(self.bits[key])
-        return spec.with_bits(self.base_bits[key]), spec.with_bits(self.offset_bits[key])
+        """``spec`` with this key's width (one allocation field), or one spec per field (RTVQ: base, offset)."""
+        specs = tuple(spec.with_bits(getattr(self, f)[key]) for f in self.fields)
+        return specs[0] if len(specs) == 1 else specs
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The width fields this allocation fills (the scheme's ``allocation_fields``)."""
+        return _scheme(self.scheme).allocation_fields
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; ``from_json`` restores an equal object."""
-        names = ("bits",) if self.scheme == "tvq" else ("base_bits", "offset_bits")
+        names = self.fields
         d = {k: getattr(self, k) for k in ("scheme", "budget", "num_tasks", "per_tensor", "bits_per_param", "objective")}
         return {**d, **{k: dict(getattr(self, k)) for k in names}}
 
@@ -286,37 +90,50 @@ class Allocation:
 
     def describe(self) -> str:
         """One line, e.g. ``rtvq B3O2 (2.375 bits/param/task at T=8, budget 2.5)``."""
-        at, bpp, budget = f" at T={self.num_tasks}" * (self.scheme == "rtvq"), self.bits_per_param, self.budget
+        impl = _scheme(self.scheme)
+        at, bpp, budget = f" at T={self.num_tasks}" * impl.shared_file, self.bits_per_param, self.budget
         if not (self.bits or self.base_bits):
             return f"{self.scheme} (no quantized keys, budget {budget!r})"
         span = {n: sorted(set(getattr(self, n).values())) for n in ("bits", "base_bits", "offset_bits")}
         if not self.per_tensor:
-            label = f"INT{span['bits'][0]}" if self.scheme == "tvq" else \
-                f"B{span['base_bits'][0]}O{span['offset_bits'][0]}"
+            label = impl.describe_widths({n: str(v[0]) for n, v in span.items() if v}, False)
             return f"{self.scheme} {label} ({bpp:.4g} bits/param/task{at}, budget {budget!r})"
         rng = {n: f"{v[0]}" if len(v) == 1 else f"{v[0]}\u2013{v[-1]}" for n, v in span.items() if v}
-        widths = f"{rng['bits']} bits" if self.scheme == "tvq" else \
-            f"base {rng['base_bits']}, offsets {rng['offset_bits']} bits"
+        widths = impl.describe_widths(rng, True)
         return f"{self.scheme} per-tensor, {bpp:.4g} bits/param/task{at} (budget {budget!r}), {widths}"
 
 
+def _candidates(scheme: str, min_bits: int, max_bits: int, num_tasks: int):
+    """The scheme's (settings, units, D) for widths in ``min_bits..max_bits`` (``Scheme.allocation_candidates``)."""
+    impl = _scheme(scheme)
+    if not impl.allocation_fields:
+        from .schemes import list_schemes
+
+        able = [n for n in list_schemes() if _scheme(n).allocation_fields]
+        raise ValueError(f"scheme={scheme!r} has no bit allocation: choose one of {', '.join(able)}")
+    settings, units, D = impl.allocation_candidates(range(min_bits, max_bits + 1), num_tasks)
+    return settings, np.array(units, dtype=np.int64), D
+
+
 def _check_budget(budget: float, scheme: str, num_tasks: int, min_bits: int, max_bits: int) -> float:
-    if scheme not in ("tvq", "rtvq"):
-        raise ValueError(f"scheme={scheme!r} is unknown: choose 'tvq' or 'rtvq'")
+    _scheme(scheme)  # an unknown name: an error naming the choices
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise BudgetError(f"num_tasks={num_tasks!r} must be a positive integer")
     check_bits(min_bits, "min_bits")
     check_bits(max_bits, "max_bits")
     if min_bits > max_bits:
         raise BudgetError(f"min_bits={min_bits} exceeds max_bits={max_bits}; lower min_bits or raise max_bits")
-    need = min_bits if scheme == "tvq" else min_bits + min_bits / num_tasks
+    settings, units, D = _candidates(scheme, min_bits, max_bits, num_tasks)
+    if not settings:
+        raise BudgetError(f"{scheme} has no width in {min_bits}..{max_bits}; widen min_bits..max_bits")
+    need = float(units.min()) / D
     if not math.isfinite(budget) or budget < need - 1e-12:
         raise BudgetError(f"budget {budget:g} bits/param is below the minimum {need:g} for {scheme} with "
                           f"{num_tasks} tasks; raise --budget")
     return float(budget)
 
 
-def allocate_bits(tables: Mapping[str, ErrorTable], budget: float, *, num_tasks: int, scheme: Scheme,
+def allocate_bits(tables: Mapping[str, ErrorTable], budget: float, *, num_tasks: int, scheme: str,
                   per_tensor: bool = False, sensitivity: Mapping[str, float] | None = None,
                   min_bits: int = 1, max_bits: int = 8) -> Allocation:
     """Choose widths minimising ``sum_k w_k E_k`` within ``budget`` bits/param/task (module doc)."""
@@ -335,13 +152,11 @@ def allocate_bits(tables: Mapping[str, ErrorTable], budget: float, *, num_tasks:
         if k not in sensitivity:
             raise BudgetError(f"sensitivity has no weight for key {k!r}; give every quantized key one")
     w = np.array([1.0 if sensitivity is None else float(sensitivity[k]) for k in keys])
-    rng, T, D = range(min_bits, max_bits + 1), num_tasks, (1 if scheme == "tvq" else num_tasks)  # unit: 1/D bit
-    settings = [(b,) for b in rng] if scheme == "tvq" else sorted(
-        ((bb, bo) for bb in rng for bo in rng), key=lambda p: (T * p[1] + p[0], p[1]))  # cheapest first
-    units = np.array([st[0] if scheme == "tvq" else T * st[1] + st[0] for st in settings], dtype=np.int64)
-    errs = np.stack([tables[k].errors.double().numpy() for k in keys]) if keys else np.zeros((0, 8, 8))
-    E = errs[:, [st[0] - 1 for st in settings]] if scheme == "tvq" else \
-        errs[:, [st[0] - 1 for st in settings], [st[1] - 1 for st in settings]]
+    T = num_tasks
+    settings, units, D = _candidates(scheme, min_bits, max_bits, T)  # cheapest first; unit: 1/D bit
+    fields = _scheme(scheme).allocation_fields
+    errs = np.stack([tables[k].errors.double().numpy() for k in keys]) if keys else np.zeros((0,) + (8,) * len(fields))
+    E = errs[(slice(None), *[[st[j] - 1 for st in settings] for j in range(len(fields))])]
     n = np.array([tables[k].numel for k in keys], dtype=np.int64)
     cap = math.floor(budget * D * int(n.sum()) * (1 + 1e-12) + 1e-9)  # total storage units
     wE = np.where(np.isfinite(E), w[:, None] * np.nan_to_num(E, posinf=0.0), np.inf)
@@ -351,7 +166,7 @@ def allocate_bits(tables: Mapping[str, ErrorTable], budget: float, *, num_tasks:
         bpp = int(sum(n[i] * units[c] for i, c in enumerate(choice))) / D / N if N else 0.0
         obj = float(sum(wE[i, c] for i, c in enumerate(choice)))
         widths = [{k: settings[c][j] for k, c in zip(keys, choice)} for j in range(len(settings[0]))]
-        named = dict(zip(("bits",) if scheme == "tvq" else ("base_bits", "offset_bits"), widths))
+        named = dict(zip(fields, widths))
         return Allocation(scheme, budget, T, per, bpp, obj, **named)
 
     # uniform: enumerate, cheapest first so that ties go to fewer bits
@@ -397,7 +212,7 @@ def allocate_bits(tables: Mapping[str, ErrorTable], budget: float, *, num_tasks:
     return greedy if greedy.objective <= uniform.objective else uniform
 
 
-def allocate_from_taus(taus_by_key: Mapping[str, Sequence[Tensor]], budget: float, *, scheme: Scheme,
+def allocate_from_taus(taus_by_key: Mapping[str, Sequence[Tensor]], budget: float, *, scheme: str,
                        num_tasks: int | None = None, per_tensor: bool = False,
                        sensitivity: Mapping[str, float] | None = None, min_bits: int = 1, max_bits: int = 8,
                        **table_kwargs: Any) -> Allocation:

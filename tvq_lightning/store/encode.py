@@ -1,20 +1,19 @@
-"""Per-key encoding of task vectors for each scheme (the store writer's inner loop).
+"""Per-key encoding of task vectors (the store writer's inner loop), dispatched to the scheme.
 
-Pure functions of one key's tensors returning what to save; the writer owns all I/O.
+Pure functions of one key's tensors returning what to save; the writer owns all I/O. The
+schemes' own encoders are in ``tvq_lightning/quant/schemes/``.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
-from ..quant.config import QuantSpec
-from ..quant.kernels import parallel_map, sub_minmax
-from ..quant.qtensor import QTensor
-from ..quant.schemes import rtvq_base
+from ..quant.kernels import sub_minmax
 from .layout import KeyInfo, StoreConfig
 
 
@@ -44,43 +43,13 @@ def non_finite(label: str, key: str) -> NonFiniteError:
 
 
 def encode_single(tau: Tensor, lo: float, hi: float, info: KeyInfo, cfg: StoreConfig, key: str,
-                  finetuned: Tensor | None = None) -> dict[str, Tensor]:
-    """Tensors to save for one task's key under fp32 / fq / tvq (empty if the key is zero)."""
-    if lo == 0.0 and hi == 0.0 and cfg.scheme != "fq":
-        return {}
-    if not info.quantized:
-        return {key: tau}
-    spec = cfg.spec(info.bits)
-    if cfg.scheme == "fq":
-        assert finetuned is not None
-        ft, flo, fhi, _ = sub_minmax(finetuned, None, torch.empty(finetuned.shape, dtype=torch.float32))
-        return QTensor.quantize(ft, spec, value_range=(flo, fhi)).state(key)
-    return QTensor.quantize(tau, spec, value_range=(lo, hi)).state(key)
+                  finetuned: Tensor | None = None, shared: Any = None) -> dict[str, Tensor]:
+    """Tensors one task saves for ``key`` under ``cfg``'s scheme (empty if nothing is stored);
+    ``shared``: the decoded shared part of a store whose shared file stays frozen."""
+    return cfg.scheme_impl.encode_task(tau, lo, hi, info, cfg, key, finetuned=finetuned, shared=shared)
 
 
-def encode_rtvq(taus: Sequence[Tensor], ranges: Sequence[tuple[float, float]], info: KeyInfo, cfg: StoreConfig,
-                key: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    """RTVQ of one key across tasks: (base tensors, per-task offset tensors).
-
-    Same arithmetic as :func:`~tvq_lightning.quant.schemes.rtvq_quantize`; the offsets are
-    formed in place in ``taus`` with the fused subtract / range kernel, in parallel over tasks.
-    """
-    if all(lo == 0.0 and hi == 0.0 for lo, hi in ranges):
-        return {}, [{} for _ in taus]
-    if not info.quantized:
-        return {}, [{} if r == (0.0, 0.0) else {key: t} for t, r in zip(taus, ranges)]
-    base, beta = rtvq_base(taus, cfg.spec(info.base_bits))
-    ref = base.dequantize() if cfg.error_correction else beta
-    spec = cfg.spec(info.offset_bits)
-
-    def offset(i: int) -> dict[str, Tensor]:
-        delta, lo, hi, _ = sub_minmax(taus[i], ref, taus[i])
-        return QTensor.quantize(delta, spec, value_range=(lo, hi)).state(key)
-
-    return base.state(key), parallel_map(offset, range(len(taus)))
-
-
-def offset_against(tau: Tensor, base_hat: Tensor | None, spec: QuantSpec, key: str) -> dict[str, Tensor]:
-    """A task added to an RTVQ store with a frozen base: offset against the stored base."""
-    ref = tau if base_hat is None else tau - base_hat
-    return QTensor.quantize(ref, spec).state(key)
+def encode_joint(taus: Sequence[Tensor], ranges: Sequence[tuple[float, float]], info: KeyInfo, cfg: StoreConfig,
+                 key: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """A scheme with a shared file, one key of every task at once: (shared tensors, per-task tensors)."""
+    return cfg.scheme_impl.encode_joint(taus, ranges, info, cfg, key)

@@ -53,8 +53,9 @@ def _compiled(tensors: Sequence[Tensor]) -> bool:
 
 
 def eligible(cfg: StoreConfig, info: KeyInfo, tensors: Sequence[Tensor]) -> bool:
-    """Whether the key can take this path: per-tensor TVQ of float32 CPU tensors, with numba."""
-    return (cfg.scheme == "tvq" and cfg.granularity == "tensor" and info.quantized and info.numel > 0
+    """Whether the key can take this path: the scheme encodes it as per-tensor affine codes of
+    tau (``Scheme.fused_spec``: per-tensor TVQ), of float32 CPU tensors, with numba."""
+    return (info.quantized and info.numel > 0 and cfg.scheme_impl.fused_spec(cfg, info) is not None
             and _compiled(tensors))
 
 
@@ -113,7 +114,7 @@ class KeyJob:
         self.raw = memoryview(self.b.view(np.uint8)) if crc else None
         self.parts = _parts(info.numel, num_workers())
         self.last = len(self.parts) - 1
-        self.spec = cfg.spec(info.bits)
+        self.spec = cfg.scheme_impl.fused_spec(cfg, info)
         self._codes: list = []
         self._ranges = [submit(self._range_part, p) for p in range(len(self.parts))]
 

@@ -20,17 +20,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import QuantConfigError, StoreError
 from ..quant.config import GRANULARITIES, QuantSpec, check_bits
 from ..quant.policy import list_policies
+from ..quant.schemes import DEFAULT_SCHEME, Scheme, get_scheme, list_schemes
 
 FORMAT = "tvq_lightning.store"
 VERSION = 1
 LAYOUT_FILE = "layout.json"
-SCHEMES = ("fp32", "fq", "tvq", "rtvq")
-Scheme = Literal["fp32", "fq", "tvq", "rtvq"]
+
+
+def __getattr__(name: str):
+    if name == "SCHEMES":  # the registered scheme names (kept for older callers)
+        return tuple(list_schemes())
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,10 @@ class StoreConfig:
     """How task vectors are stored.
 
     Attributes:
-        scheme: ``fp32`` (exact task vectors), ``fq`` (quantized fine-tuned weights), ``tvq``
-            (quantized task vectors) or ``rtvq`` (quantized shared base + per-task offsets).
+        scheme: a registered scheme's name (``tvq_lightning.quant.list_schemes()``): the built-ins
+            are ``fp32`` (exact task vectors), ``fq`` (quantized fine-tuned weights), ``tvq``
+            (quantized task vectors), ``rtvq`` (quantized shared base + per-task offsets) and
+            ``bitdelta`` (1-bit signs and a scale); the scheme object validates the rest.
         bits: code width for fq / tvq.
         base_bits, offset_bits: RTVQ's widths (paper default B3O2).
         granularity, group_size, symmetric: see :class:`~tvq_lightning.quant.config.QuantSpec`.
@@ -49,7 +56,7 @@ class StoreConfig:
         per_tensor_bits: with a budget, allow a different width per tensor.
     """
 
-    scheme: Scheme = "tvq"
+    scheme: str = DEFAULT_SCHEME
     bits: int = 4
     base_bits: int = 3
     offset_bits: int = 2
@@ -62,8 +69,7 @@ class StoreConfig:
     per_tensor_bits: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise QuantConfigError(f"scheme {self.scheme!r} is unknown: choose one of {', '.join(SCHEMES)}")
+        impl = get_scheme(self.scheme)  # unknown names: an error naming the choices
         check_bits(self.bits, "bits")
         check_bits(self.base_bits, "base bits")
         check_bits(self.offset_bits, "offset bits")
@@ -71,22 +77,20 @@ class StoreConfig:
             raise QuantConfigError(f"granularity {self.granularity!r} is unknown: choose one of {', '.join(GRANULARITIES)}")
         if self.policy not in list_policies():
             raise QuantConfigError(f"policy {self.policy!r} is unknown: choose one of {', '.join(list_policies())}")
-        if self.budget is not None and self.scheme not in ("tvq", "rtvq"):
-            raise QuantConfigError(f"--budget applies to the tvq and rtvq schemes, not {self.scheme}")
-        widths = {"fp32": (), "fq": (self.bits,), "tvq": (self.bits,), "rtvq": (self.base_bits, self.offset_bits)}
-        for b in widths[self.scheme] or (2 if self.symmetric else 1,):
-            QuantSpec(b, self.granularity, self.group_size, self.symmetric)
+        impl.validate(self)
+
+    @property
+    def scheme_impl(self) -> Scheme:
+        """The registered :class:`~tvq_lightning.quant.schemes.Scheme` object of ``scheme``."""
+        return get_scheme(self.scheme)
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits, self.granularity, self.group_size, self.symmetric)
 
     @property
     def label(self) -> str:
-        """Short name as in the paper's tables: FP32, FQ-INT4, TVQ-INT3, RTVQ-B3O2."""
-        if self.budget is not None:
-            return f"{self.scheme.upper()}-budget{self.budget:g}"
-        return {"fp32": "FP32", "fq": f"FQ-INT{self.bits}", "tvq": f"TVQ-INT{self.bits}",
-                "rtvq": f"RTVQ-B{self.base_bits}O{self.offset_bits}"}[self.scheme]
+        """Short name as in the paper's tables (FP32, FQ-INT4, TVQ-INT3, RTVQ-B3O2), from the scheme."""
+        return self.scheme_impl.label(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,9 +107,9 @@ class KeyInfo:
     shape: tuple[int, ...]
     dtype: str
     quantized: bool
-    bits: int | None = None          # fq / tvq
-    base_bits: int | None = None     # rtvq
-    offset_bits: int | None = None   # rtvq
+    bits: int | None = None          # the scheme's key_fields: bits (fq / tvq / bitdelta),
+    base_bits: int | None = None     # base_bits and offset_bits (rtvq)
+    offset_bits: int | None = None
 
     @property
     def numel(self) -> int:
@@ -191,6 +195,9 @@ class Layout:
                 allocation=data.get("allocation"),
                 extra=data.get("extra") or {},
             )
+        except QuantConfigError as e:  # e.g. a scheme this installation does not register
+            raise StoreError(f"{path}: {e}; register that scheme (register_scheme) before opening the store, "
+                             f"or re-create the store") from None
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{path} is damaged ({type(e).__name__}: {e}); re-create the store with `tvq quantize`") from None
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError, FingerprintMismatch, StoreError
 from ..quant.kernels import parallel_map
-from ..quant.qtensor import CODES, SCALE, ZERO, QTensor
+from ..quant.qtensor import QTensor
 from .checkpoints import LazyStateDict, open_checkpoint
 from .fingerprint import fingerprint_state_dict, short_fingerprint
 from .layout import LAYOUT_FILE, KeyInfo, Layout, read_layout
@@ -56,9 +56,14 @@ class TaskVectorStore:
         return self.layout.fingerprint
 
     @property
+    def scheme_impl(self):
+        """The store's :class:`~tvq_lightning.quant.schemes.Scheme` object (it decodes every key)."""
+        return self.layout.config.scheme_impl
+
+    @property
     def needs_pretrained(self) -> bool:
-        """FQ stores hold fine-tuned weights: their task vectors need theta_0."""
-        return self.scheme == "fq"
+        """Stores of fine-tuned weights (FQ): their task vectors need theta_0."""
+        return self.scheme_impl.needs_pretrained
 
     def files(self) -> list[Path]:
         rel = [t.file for t in self.layout.tasks.values()]
@@ -104,27 +109,42 @@ class TaskVectorStore:
             raise StoreError(f"store {self.path} has no key {key!r}")
         return info
 
-    def _qtensor(self, f: LazyStateDict, key: str, bits: int, info: KeyInfo) -> QTensor | None:
-        if key + CODES not in f:
+    def _damaged(self, key: str, file: str, e: Exception) -> StoreError:
+        return StoreError(f"store {self.path}: key {key!r} in {Path(file).name} is damaged ({e}); re-create the store")
+
+    # -- stored tensors ---------------------------------------------------------------------
+    def parts(self, task: str, key: str) -> _Parts:
+        """What ``task`` stores for ``key``: a mapping from suffix (``""``, ``"#q"``, ...) to tensor."""
+        self._info(key)
+        return _Parts(self._task_file(task), key)
+
+    def shared_parts(self, key: str) -> _Parts | None:
+        """What the shared file (RTVQ's base) stores for ``key``; None without a shared file."""
+        self._info(key)
+        return None if self.layout.base is None else _Parts(self._open(self.layout.base.file), key)
+
+    def qtensor(self, task: str, key: str) -> QTensor | None:
+        """The affine codes of ``task``'s key (RTVQ: its offset); None if zero, not quantized or
+        not affine codes (see :meth:`parts`)."""
+        info = self._info(key)
+        if not info.quantized:
             return None
         try:
-            return QTensor.from_state(f[key + CODES], f[key + ZERO], f[key + SCALE], info.shape, self.config.spec(bits))
+            return self.scheme_impl.qtensor(self.config, info, self.parts(task, key))
         except (KeyError, ValueError) as e:
-            raise StoreError(f"store {self.path}: key {key!r} in {f.path.name} is damaged ({e}); re-create the store") from None
-
-    # -- task vectors -----------------------------------------------------------------------
-    def qtensor(self, task: str, key: str) -> QTensor | None:
-        """The packed codes of ``task``'s key (RTVQ: its offset); None if zero or not quantized."""
-        info = self._info(key)
-        bits = info.offset_bits if self.scheme == "rtvq" else info.bits
-        return self._qtensor(self._task_file(task), key, bits, info) if info.quantized else None
+            raise self._damaged(key, self.layout.tasks[task].file, e) from None
 
     def base_qtensor(self, key: str) -> QTensor | None:
-        """RTVQ's quantized base for ``key`` (None for other schemes or zero keys)."""
+        """The shared file's affine codes for ``key`` (RTVQ's base; None for other schemes or zero keys)."""
         info = self._info(key)
         if self.layout.base is None or not info.quantized:
             return None
-        return self._qtensor(self._open(self.layout.base.file), key, info.base_bits, info)
+        try:
+            return self.scheme_impl.qtensor(self.config, info, self.shared_parts(key), info.base_bits)
+        except (KeyError, ValueError) as e:
+            raise self._damaged(key, self.layout.base.file, e) from None
+
+    # -- task vectors -----------------------------------------------------------------------
 
     def task_vector(self, task: str, key: str, pretrained: Tensor | None = None) -> Tensor:
         """The (dequantized) float32 task vector of ``task`` for ``key``."""
@@ -133,30 +153,25 @@ class TaskVectorStore:
     def task_vectors(self, key: str, tasks: Sequence[str] | None = None, pretrained: Tensor | None = None) -> list[Tensor]:
         """One key's task vectors for several tasks, sharing work (RTVQ's base is decoded once)."""
         tasks = self.tasks if tasks is None else list(tasks)
-        info = self._info(key)
-        if not info.quantized:
-            out = []
-            for t in tasks:
-                f = self._task_file(t)
-                out.append(f[key].float().clone() if key in f else torch.zeros(info.shape))
-            return out
-        if self.scheme == "fq" and pretrained is None:
-            raise StoreError(f"store {self.path} uses FQ (quantized fine-tuned weights): its task vectors need the pre-trained weights; pass --pretrained")
-        base_hat = None
-        if self.scheme == "rtvq":
-            base = self.base_qtensor(key)
-            base_hat = base.dequantize() if base is not None else None
+        info, impl, cfg = self._info(key), self.scheme_impl, self.config
+        shared = None
+        if info.quantized:
+            if impl.needs_pretrained and pretrained is None:
+                raise StoreError(f"store {self.path} ({cfg.label}) holds quantized fine-tuned weights: its task "
+                                 f"vectors need the pre-trained weights; pass --pretrained")
+            try:
+                shared = impl.decode_shared(cfg, info, self.shared_parts(key), pretrained)
+            except (KeyError, ValueError) as e:
+                raise self._damaged(key, self.layout.base.file if self.layout.base else "", e) from None
 
         def decode(t: str) -> Tensor:
-            q = self.qtensor(t, key)
-            if q is None:
-                return torch.zeros(info.shape)
-            tau = q.dequantize()
-            if self.scheme == "fq":
-                return tau.sub_(pretrained.float())
-            return tau.add_(base_hat) if base_hat is not None else tau
+            try:
+                tau = impl.decode(cfg, info, self.parts(t, key), shared)
+            except (KeyError, ValueError) as e:
+                raise self._damaged(key, self.layout.tasks[t].file, e) from None
+            return torch.zeros(info.shape) if tau is None else tau
 
-        return parallel_map(decode, tasks)
+        return parallel_map(decode, tasks) if info.quantized else [decode(t) for t in tasks]
 
     def iter_task_vector(self, task: str, pretrained: Mapping[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
         """``(key, tau)`` for every key, one at a time."""
@@ -184,3 +199,23 @@ class TaskVectorStore:
 
     def __repr__(self) -> str:
         return f"TaskVectorStore({str(self.path)!r}, scheme={self.config.label}, tasks={self.tasks})"
+
+
+class _Parts(Mapping):
+    """One key's stored tensors in one file, by suffix (``""`` is the key itself)."""
+
+    def __init__(self, f: LazyStateDict, key: str):
+        self.f, self.key = f, key
+
+    def __getitem__(self, suffix: str) -> Tensor:
+        return self.f[self.key + suffix]
+
+    def __contains__(self, suffix: object) -> bool:
+        return isinstance(suffix, str) and self.key + suffix in self.f
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self.key)
+        return (k[n:] for k in self.f.keys() if k.startswith(self.key) and (len(k) == n or k[n] == "#"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -5,19 +5,20 @@ from collections import Counter
 from typing import Any
 
 from .fingerprint import short_fingerprint
+from .layout import StoreConfig
 from .reader import TaskVectorStore
 
 
 def bits_per_param(store: TaskVectorStore) -> float:
-    """Theoretical bits per quantized parameter per task (``b`` or ``b_off + b_base / T``)."""
+    """Theoretical bits per quantized parameter per task, weighted by element counts (the scheme's
+    ``Scheme.bits_per_param``: ``b``, or ``b_off + b_base / T`` with a shared base)."""
     keys = [k for k in store.layout.keys.values() if k.quantized]
     n = sum(k.numel for k in keys)
     if not n:
         return 32.0
     t = max(1, len(store.tasks))
-    if store.scheme == "rtvq":
-        return sum(k.numel * (k.offset_bits + k.base_bits / t) for k in keys) / n
-    return sum(k.numel * k.bits for k in keys) / n
+    impl = store.scheme_impl
+    return sum(k.numel * impl.bits_per_param(k, t) for k in keys) / n
 
 
 def summarize(store: TaskVectorStore) -> dict[str, Any]:
@@ -28,8 +29,7 @@ def summarize(store: TaskVectorStore) -> dict[str, Any]:
     bits = Counter()
     for k in keys:
         if k.quantized:
-            label = f"B{k.base_bits}O{k.offset_bits}" if store.scheme == "rtvq" else str(k.bits)
-            bits[label] += k.numel
+            bits[store.scheme_impl.width_label(k)] += k.numel
     nbytes = store.nbytes()
     per_task = lay.fp32_checkpoint_bytes
     t = len(store.tasks)
@@ -58,10 +58,10 @@ def summarize(store: TaskVectorStore) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    cfg = StoreConfig.from_json(s["config"])
     lines = [
         f"store      {s['path']}",
-        f"scheme     {s['scheme']}  (error correction: {s['config']['error_correction']})" if s["config"]["scheme"] == "rtvq"
-        else f"scheme     {s['scheme']}  ({s['config']['granularity']} granularity)",
+        f"scheme     {s['scheme']}  ({cfg.scheme_impl.detail(cfg)})",
         f"tasks      {s['num_tasks']}: {', '.join(s['tasks'])}",
         f"pretrained {short_fingerprint(s['pretrained_fingerprint'])}",
         f"keys       {s['keys']} ({s['quantized_keys']} quantized: {s['quantized_params']:,} params; "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -21,43 +20,31 @@ from tqdm.auto import tqdm
 from ..errors import OutputExistsError, QuantConfigError, TvqError
 from ..quant.allocation import Allocation
 from ..quant.policy import is_quantized
-from ..quant.qtensor import CODES, SCALE, ZERO
 from ..quant.kernels import parallel_map
 from . import fused
-from .encode import encode_rtvq, encode_single, offset_against, scratch, task_vector_into
+from .encode import encode_joint, encode_single, scratch, task_vector_into
 from .fingerprint import combine_entries, tensor_entry
 from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
 from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo
 from .reader import TaskVectorStore
 from .sources import Source, WeightsLike, check_compatible, check_task_name, floating_keys, open_source
 
+#: adding tasks to a store with a shared file (RTVQ's base): keep it, or recompute it over all tasks;
+#: None (default): frozen when it was built from two or more tasks, else recomputed
 RtvqBaseMode = Literal["frozen", "recompute"]
 
 
 def _key_infos(pre: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: StoreConfig,
                allocation=None) -> dict[str, KeyInfo]:
+    impl = cfg.scheme_impl
     infos = {}
     for k, (shape, dtype) in pre.items():
         dname = str(dtype).removeprefix("torch.")
-        q = cfg.scheme != "fp32" and is_quantized(k, shape, dtype, cfg.policy)
-        if not q:
-            infos[k] = KeyInfo(tuple(shape), dname, False)
-        elif cfg.scheme == "rtvq":
-            bb = allocation.base_bits[k] if allocation is not None else cfg.base_bits
-            bo = allocation.offset_bits[k] if allocation is not None else cfg.offset_bits
-            infos[k] = KeyInfo(tuple(shape), dname, True, base_bits=bb, offset_bits=bo)
+        if impl.quantizes and is_quantized(k, shape, dtype, cfg.policy):
+            infos[k] = KeyInfo(tuple(shape), dname, True, **impl.key_widths(cfg, k, allocation))
         else:
-            b = allocation.bits[k] if allocation is not None else cfg.bits
-            infos[k] = KeyInfo(tuple(shape), dname, True, bits=b)
+            infos[k] = KeyInfo(tuple(shape), dname, False)
     return infos
-
-
-def _blocks(info: KeyInfo, cfg: StoreConfig) -> int:
-    if cfg.granularity == "tensor":
-        return 1
-    if cfg.granularity == "channel":
-        return info.shape[0] if info.shape else 1
-    return math.ceil(info.numel / cfg.group_size)
 
 
 def _writer(path: Path, infos: dict[str, KeyInfo], cfg: StoreConfig, metadata: dict[str, str],
@@ -66,8 +53,9 @@ def _writer(path: Path, infos: dict[str, KeyInfo], cfg: StoreConfig, metadata: d
     total = 0
     for k, info in infos.items():
         if info.quantized:
-            specs.update({k + CODES: ("U8", 1), k + ZERO: ("I32", 1), k + SCALE: ("F32", 1)})
-            total += info.numel + 8 * _blocks(info, cfg) + 64
+            parts, nbytes = cfg.scheme_impl.stored_parts(cfg, info)
+            specs.update({k + suffix: spec for suffix, spec in parts.items()})
+            total += nbytes
         elif not quantized_only:
             specs[k] = ("F32", len(info.shape))
             total += 4 * info.numel
@@ -98,8 +86,9 @@ def _check_allocation(allocation: Allocation, pre_keys, cfg: StoreConfig) -> Non
     """A given allocation must be for this scheme and give a width to every quantized key."""
     if allocation.scheme != cfg.scheme:
         raise QuantConfigError(f"the allocation is for {allocation.scheme}, the store config is {cfg.scheme}; use one scheme")
-    widths = allocation.bits if cfg.scheme == "tvq" else allocation.offset_bits
-    missing = [k for k, i in _key_infos(pre_keys, cfg).items() if i.quantized and k not in widths]
+    fields = cfg.scheme_impl.allocation_fields
+    missing = [k for k, i in _key_infos(pre_keys, cfg).items()
+               if i.quantized and not all(k in getattr(allocation, f) for f in fields)]
     if missing:
         raise QuantConfigError(f"the allocation has no width for quantized key {missing[0]!r} ({len(missing)} "
                                f"missing); allocate over the same keys and policy ({cfg.policy!r})")
@@ -120,8 +109,11 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
     """The main pass: for each key read theta_0 and every task's weights, encode, append.
 
     Tasks of one key are encoded in parallel threads (the kernels release the GIL); task ``i``'s
-    file is only appended to by the thread handling task ``i`` of the current key. Per-tensor TVQ
-    of float32 weights takes the cache-blocked path of :mod:`.fused` instead, pipelined
+    file is only appended to by the thread handling task ``i`` of the current key. A scheme with a
+    shared file (RTVQ) encodes a key of every task at once (:func:`.encode.encode_joint`) unless
+    the shared file stays frozen (``frozen_base``: tasks added to a store). A key the scheme
+    encodes as per-tensor affine codes of tau (``Scheme.fused_spec``: per-tensor TVQ) of float32
+    weights takes the cache-blocked path of :mod:`.fused` instead, pipelined
     (:class:`.fused.Pipeline`): while the pool works on those keys, this thread encodes the small keys
     and the pool drops the finished keys' mapped pages. When ``fingerprint`` is a dict, theta_0's
     per-key fingerprint entries are computed alongside, not in a separate pass over theta_0.
@@ -129,41 +121,42 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
     tasks = list(range(len(fts)))
     jobs = tasks + ([-1] if fingerprint is not None else [])
     released = 0
-    # RTVQ needs every task's vector of a key at once: one reusable buffer per task (no page faults)
+    impl = cfg.scheme_impl
+    joint = impl.shared_file and frozen_base is None
+    # a joint encode needs every task's vector of a key at once: one reusable buffer per task (no page faults)
     biggest = max((i.numel for i in infos.values() if i.quantized), default=0)
-    rtvq_bufs = [torch.empty(biggest) for _ in tasks] if cfg.scheme == "rtvq" and frozen_base is None else []
+    joint_bufs = [torch.empty(biggest) for _ in tasks] if joint else []
     pipe = fused.Pipeline([pre, *fts], fingerprint)
     try:
-        for k in _progress(list(infos), "quantizing" if cfg.scheme != "fp32" else "writing", show):
+        for k in _progress(list(infos), "quantizing" if impl.quantizes else "writing", show):
             info = infos[k]
             p = pre.sd[k]
             if frozen_base is None and fused.eligible(cfg, info, tensors := [p, *(f.sd[k] for f in fts)]):
                 pipe.fused(k, fused.KeyJob(k, p, tensors[1:], [f.label for f in fts], info, cfg, task_writers,
                                            fingerprint is not None))
                 continue
-            if cfg.scheme != "rtvq" and frozen_base is None and info.numel < _SMALL:  # in order, after the pool's keys
+            if not impl.shared_file and frozen_base is None and info.numel < _SMALL:  # in order, after the pool's keys
                 entry = tensor_entry(p) if fingerprint is not None else None
                 res = fused.small_task_vectors(k, p, tensors[1:], [f.label for f in fts])
                 pipe.small(k, entry, [(w, encode_single(*r, info, cfg, k, finetuned=t))
                                       for w, t, r in zip(task_writers, tensors[1:], res)])
                 continue
             pipe.drain()
-            if cfg.scheme == "rtvq" and info.quantized and frozen_base is None:
+            if joint and info.quantized:
                 def decode(i: int):
                     if i < 0:
                         fingerprint[k] = tensor_entry(p)
                         return None
-                    return task_vector_into(fts[i].sd[k], p, rtvq_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
+                    return task_vector_into(fts[i].sd[k], p, joint_bufs[i][: info.numel].view(info.shape), label=fts[i].label, key=k)
 
                 res = _map(decode, jobs, info.numel)[: len(tasks)]
-                base, offsets = encode_rtvq([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
-                for w, named in [(base_writer, base), *zip(task_writers, offsets)]:
+                shared, per_task = encode_joint([r[0] for r in res], [(r[1], r[2]) for r in res], info, cfg, k)
+                for w, named in [(base_writer, shared), *zip(task_writers, per_task)]:
                     w.add_all(named)
             else:
-                base_hat = None
+                shared = None
                 if frozen_base is not None and info.quantized:
-                    bq = frozen_base.base_qtensor(k)
-                    base_hat = bq.dequantize() if bq is not None else None
+                    shared = impl.decode_shared(cfg, info, frozen_base.shared_parts(k))
 
                 def work(i: int) -> None:
                     if i < 0:
@@ -171,11 +164,7 @@ def _encode_all(pre: Source, fts: list[Source], infos: dict[str, KeyInfo], cfg: 
                         return
                     f, w = fts[i], task_writers[i]
                     tau, lo, hi = task_vector_into(f.sd[k], p, scratch(info.numel).view(info.shape), label=f.label, key=k)
-                    if frozen_base is not None and info.quantized:
-                        parts = {} if (lo == hi == 0.0 and base_hat is None) else offset_against(tau, base_hat, cfg.spec(info.offset_bits), k)
-                    else:
-                        parts = encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k])
-                    w.add_all(parts)
+                    w.add_all(encode_single(tau, lo, hi, info, cfg, k, finetuned=f.sd[k], shared=shared))
 
                 _map(work, jobs, info.numel)
             released += 4 * info.numel * (len(fts) + 1)
@@ -234,7 +223,7 @@ def quantize_to_store(
     prefix: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
-    rtvq_base: RtvqBaseMode = "frozen",
+    rtvq_base: RtvqBaseMode | None = None,
     sensitivity: Mapping[str, float] | None = None,
     allocation: Allocation | None = None,
     progress: bool = True,
@@ -250,9 +239,12 @@ def quantize_to_store(
         prefix: keep only keys under this prefix (e.g. ``model.encoder.``) in every checkpoint.
         allow_pickle: allow checkpoints that are pickled Python objects (runs code from them).
         overwrite: replace an existing ``out`` instead of adding to it.
-        rtvq_base: adding to an RTVQ store, keep its base (``frozen``: the new offsets are taken
-            against the stored base) or ``recompute`` the base over all tasks (old tasks are then
-            re-encoded from their stored reconstruction: one more rounding of their offsets).
+        rtvq_base: adding to a store with a shared file (RTVQ's base), keep it (``frozen``: the
+            new offsets are taken against the stored base) or ``recompute`` the base over all
+            tasks (old tasks are then re-encoded from their stored reconstruction: one more
+            rounding of their offsets). Default (None): frozen when the base was built from two
+            or more tasks, recomputed when it was built from one (a one-task base is that task's
+            own vector; ``frozen`` is then refused).
         sensitivity: per-key weights for the bit allocator (``config.budget``); recorded in the
             layout's ``allocation`` entry.
         allocation: per-key widths chosen beforehand (e.g. by the ``BitAllocation`` callback),
@@ -305,7 +297,7 @@ def _write_generation(root: Path, pre: Source, fts: list[Source], infos: dict[st
     writers = [_writer(root / rel[f.name], infos, cfg, _task_metadata(f.name, cfg, fingerprint or _PENDING)) for f in fts]
     base_rel = f"base.g{generation}.safetensors"
     base_writer = None
-    if cfg.scheme == "rtvq" and frozen_base is None:
+    if cfg.scheme_impl.shared_file and frozen_base is None:
         base_writer = _writer(root / base_rel, infos, cfg, _task_metadata("base", cfg, fingerprint or _PENDING), quantized_only=True)
     all_writers = writers + ([base_writer] if base_writer else [])
     entries = None if fingerprint is not None else {k: tensor_entry(pre.sd[k]) for k in pre.sd.keys() if k not in infos}
@@ -346,9 +338,10 @@ def _add_tasks(store: TaskVectorStore, pre: Source, fts: list[Source], config: S
     if set(floating_keys(pre)) != set(infos):
         raise TvqError(f"{pre.label} has other keys than store {store.path}; use the same --prefix as when the store was made")
     store.check_pretrained(pre.sd, label=pre.label)
-    if cfg.scheme == "rtvq" and rtvq_base == "recompute":
-        return _recompute_rtvq(store, pre, fts, show)
-    frozen = store if cfg.scheme == "rtvq" else None
+    mode = cfg.scheme_impl.add_mode(layout, rtvq_base)
+    if mode == "recompute":
+        return _recompute_shared(store, pre, fts, show)
+    frozen = store if mode == "frozen" else None
     new = _write_generation(store.path, pre, fts, infos, cfg, layout.fingerprint, layout.generation, show,
                             frozen_base=frozen, keep=layout)
     new = new.with_(generation=layout.generation)
@@ -361,8 +354,8 @@ def _add_tasks(store: TaskVectorStore, pre: Source, fts: list[Source], config: S
     return new
 
 
-def _recompute_rtvq(store: TaskVectorStore, pre: Source, fts: list[Source], show: bool) -> Layout:
-    """Re-derive the RTVQ base over old (reconstructed) and new tasks, rewrite every file."""
+def _recompute_shared(store: TaskVectorStore, pre: Source, fts: list[Source], show: bool) -> Layout:
+    """Re-derive the shared file (RTVQ's base) over old (reconstructed) and new tasks, rewrite every file."""
     layout = store.layout
     old = [Source(t, f"{store.path}:{t}", _Reconstructed(store, t, pre.sd)) for t in layout.tasks]
     gen = layout.generation + 1
