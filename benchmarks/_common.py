@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tvq_lightning.store.checkpoints import load_state_dict  # noqa: E402
-from tvq_lightning.testing import save_safetensors, synthetic_task_vector  # noqa: E402
+from tvq_lightning.data.synthetic import synthetic_task_vector  # noqa: E402
+from tvq_lightning.store.io import save_safetensors  # noqa: E402
 
 
 def vit_b32_checkpoints(workdir: Path, num_tasks: int, seed: int = 0) -> tuple[Path, dict[str, Path]]:

@@ -42,3 +42,7 @@ class BudgetError(TvqError, ValueError):
 
 class OutputExistsError(TvqError):
     """An output path exists and ``overwrite`` was not asked for."""
+
+
+class UsageError(TvqError):
+    """A command line or config file the ``tvq`` commands cannot parse (unknown option, bad value)."""

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tvq_lightning.cli.main import main
-from tvq_lightning.testing import save_safetensors, synthetic_finetunes, tiny_pretrained
+from tvq_lightning.data.synthetic import synthetic_finetunes
+from tvq_lightning.models.tiny import tiny_pretrained
+from tvq_lightning.store.io import save_safetensors
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ def test_quantize_inspect_export_end_to_end(tmp_path, tvq, ckpts):
     (["--scheme", "fp32"], "FP32"),
     (["--scheme", "fq", "--bits", "8"], "FQ-INT8"),
     (["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"], "RTVQ-B3O2"),
-    (["--scheme", "rtvq", "--no-error-correction"], "RTVQ-B3O2"),
+    (["--scheme", "rtvq", "--no-error-correction"], "RTVQ-B3O2-noEC"),
     (["--scheme", "tvq", "--bits", "2", "--granularity", "group", "--group-size", "64", "--symmetric"], "TVQ-INT2"),
     (["--scheme", "tvq", "--budget", "3", "--per-tensor-bits"], "TVQ-budget3"),
 ])
@@ -243,7 +243,7 @@ def _bad_case(tmp_path, ckpts, case):
     if case == "budget_fp32":
         return ["quantize", "--pretrained", pre, "--finetuned", *fts, "--scheme", "fp32", "--budget", "3", "--out", out], ["--budget"]
     if case == "pickle":
-        from tvq_lightning.testing import TinyEncoder
+        from tvq_lightning.models import TinyEncoder
 
         model = TinyEncoder(width=32, depth=1)
         model.load_state_dict(ckpts.ft_sds["t0"])
@@ -289,7 +289,9 @@ def test_bad_input_when_adding_leaves_store_unchanged(tmp_path, tvq, ckpts, snap
 
 
 def test_fingerprint_mismatch_when_adding_and_exporting(tmp_path, tvq, ckpts, snap):
-    from tvq_lightning.testing import save_safetensors, synthetic_finetunes, tiny_pretrained
+    from tvq_lightning.data.synthetic import synthetic_finetunes
+    from tvq_lightning.models.tiny import tiny_pretrained
+    from tvq_lightning.store.io import save_safetensors
 
     out = tmp_path / "store"
     assert quantize(tvq, ckpts, out, names=("t0",)).rc == 0

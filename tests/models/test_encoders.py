@@ -8,7 +8,7 @@ from torch import nn
 from tvq_lightning.errors import TvqError
 from tvq_lightning.models.encoders import create_encoder, list_encoders, module_encoder, open_clip_transform
 from tvq_lightning.quant.policy import module_linear_keys
-from tvq_lightning.testing import TinyEncoder
+from tvq_lightning.models import TinyEncoder
 
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},

@@ -225,6 +225,34 @@ def test_pickled_module_needs_allow_pickle(tmp_path):
     assert not sd["weight"].requires_grad
 
 
+@pytest.mark.parametrize("gone", ["module", "class"])
+def test_pickled_module_whose_code_is_missing_names_it(tmp_path, monkeypatch, gone):
+    """With --allow-pickle, a checkpoint pickling a class this interpreter cannot import names the
+    missing module (or class) and the fixes, instead of asking to "re-export" it."""
+    import importlib
+    import sys
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "tvq_test_nets.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(code))
+    net = importlib.import_module("tvq_test_nets").Net(3, 2)
+    path = tmp_path / "net.pt"
+    torch.save(net, path)
+    monkeypatch.delitem(sys.modules, "tvq_test_nets")
+    if gone == "module":
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(code)])
+        needle = "module 'tvq_test_nets'"
+    else:
+        (code / "tvq_test_nets.py").write_text("X = 1\n")
+        needle = "class tvq_test_nets.Net"
+    with pytest.raises(CheckpointError) as ei:
+        load_state_dict(path, allow_pickle=True)
+    msg = str(ei.value)
+    assert needle in msg and "PYTHONPATH" in msg and ".safetensors" in msg and str(path) in msg, msg
+    assert "re-export" not in msg and "\n" not in msg
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 

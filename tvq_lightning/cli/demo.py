@@ -1,30 +1,42 @@
 """``tvq demo``: the main job on the embedded benchmark (see :mod:`tvq_lightning.demo`)."""
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Optional
+
+from jsonargparse import Namespace
+
+from .options import OptionsParser, build_dataclass, parse_two_pass
+
+HELP = ("fine-tune, quantize, merge, adapt and evaluate on the embedded benchmark; "
+        "print the main table and write report.md / report.json / plots")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune, quantize, merge, adapt and evaluate on the embedded benchmark; "
-                                    "print the main table and write report.md / report.json / plots")
-    p.add_argument("--out", default="runs/demo", help="output directory (built aside, then swapped in)")
-    p.add_argument("--quick", action="store_true", help="three tasks, small splits, few steps (used by the tests)")
-    p.add_argument("--seed", type=int, default=0, help="the data and training seed")
-    p.add_argument("--clip", default=None, help="a tiny CLIP folder (config.json + weights.safetensors); "
-                                                "default: the pre-trained one shipped in the package")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change one DemoConfig setting (repeatable), e.g. --set finetune_steps=150 "
-                        "--set tinting_epochs=500 --set budget_sensitivity=uniform")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+def build_parser(first: Namespace | None = None) -> OptionsParser:
+    """``run_demo``'s options and one per :class:`DemoConfig` field (defaults: ``DemoConfig.quick()``'s with ``--quick``)."""
     from ..demo import DemoConfig, run_demo
 
-    cfg = replace(DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed).with_overrides(args.set)
-    run_demo(Path(args.out), cfg=cfg, clip_dir=args.clip, progress=not args.no_progress)
+    p = OptionsParser("tvq demo", HELP + ". Every DemoConfig field is an option (--finetune_steps 150); "
+                      "-c FILE reads them from YAML, --print_config prints them.")
+    p.add_options(run_demo, only=("out", "quick", "clip_dir", "progress"), aliases={"clip_dir": ("--clip",)},
+                  types={"out": str, "clip_dir": Optional[str]}, help={
+        "out": "output directory (built aside, then swapped in)",
+        "quick": "three tasks, small splits, few steps (used by the tests); the defaults below become DemoConfig.quick()'s",
+        "clip_dir": "a tiny CLIP folder (config.json + weights.safetensors); default: the one shipped in the package",
+        "progress": "progress bars"})
+    p.option("set", str, [], "change DemoConfig settings as KEY=VALUE (sequences comma-separated), e.g. "
+             "--set finetune_steps=150 tinting_epochs=500 budget_sensitivity=uniform", nargs="+", action="extend",
+             metavar="KEY=VALUE")
+    base = DemoConfig.quick() if first is not None and first.get("quick") else DemoConfig()
+    p.add_options(DemoConfig, defaults=asdict(base), title="DemoConfig settings")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    from ..demo import DemoConfig, run_demo
+
+    ns = parse_two_pass(argv, build_parser)
+    cfg = build_dataclass(DemoConfig, ns).with_overrides(ns.set)
+    run_demo(ns.out, cfg=cfg, clip_dir=ns.clip_dir, progress=ns.progress)
     return 0

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..errors import TvqError
+from .options import format_error
 
 
 class TvqArgumentParser(LightningArgumentParser):
@@ -47,6 +48,15 @@ class TvqArgumentParser(LightningArgumentParser):
 
     def add_function_arguments(self, function: Any, *args: Any, linked_targets: Any = None, **kwargs: Any) -> list[str]:
         return super().add_function_arguments(function, *args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """A config error (unknown key, with "did you mean"; missing file; bad type) as one line,
+        ``tvq: error: ...``, exit 2, instead of jsonargparse's usage dump."""
+        if not self.exit_on_error:  # jsonargparse is trying alternatives and wants the exception
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"tvq: error: {format_error(message, parser)}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class TvqLightningCLI(LightningCLI):
@@ -106,7 +116,8 @@ def find_tvq_error(exc: BaseException | None, depth: int = 32) -> TvqError | Non
 def run_lightning(argv: Sequence[str]) -> int:
     """Run ``tvq <fit|validate|test|predict> ...``; returns the exit status.
 
-    Usage errors and ``--help``/``--print_config`` raise :class:`SystemExit` as jsonargparse does.
+    ``--help``/``--print_config`` raise :class:`SystemExit` as jsonargparse does; a config error
+    prints one line ``tvq: error: ...`` and raises ``SystemExit(2)`` (:meth:`TvqArgumentParser.error`).
     """
     try:
         TvqLightningCLI(args=list(argv))

@@ -1,10 +1,12 @@
 """``tvq``: the command-line entry point.
 
-Store commands (``quantize``, ``merge``, ``inspect``, ``export``) and the ``demo`` are argparse
-sub-commands. ``fit``, ``validate``, ``test`` and ``predict`` hand the rest of the command line to
-a LightningCLI (:mod:`tvq_lightning.cli.lightning`): ``tvq fit -c configs/adamerging_layer.yaml``.
+``quantize``, ``merge`` and ``demo`` parse their options with jsonargparse, generated from the
+dataclasses they build (:mod:`tvq_lightning.cli.options`: ``-c FILE``, ``--print_config``);
+``inspect`` and ``export`` are argparse sub-commands. ``fit``, ``validate``, ``test`` and
+``predict`` hand the rest of the command line to a LightningCLI (:mod:`tvq_lightning.cli.lightning`): ``tvq fit -c configs/adamerging_layer.yaml``.
 Every :class:`~tvq_lightning.errors.TvqError` becomes one line on stderr,
-``tvq: error: ...``, and exit status 2.
+``tvq: error: ...``, and exit status 2. Output cut short by its reader (``tvq inspect S | head -1``)
+ends quietly with status 141, as a process killed by SIGPIPE.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def run_lightning(argv: Sequence[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"quantize": quantize, "merge": merge, "inspect": inspect, "export": export, "demo": demo}
+COMMANDS = {"inspect": inspect, "export": export}
+#: jsonargparse commands: ``module.main(argv)`` parses the rest of the command line itself
+CONFIG_COMMANDS = {"quantize": quantize, "merge": merge, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tvq_lightning {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, mod in CONFIG_COMMANDS.items():  # listed for --help; main() hands them their argv first
+        sub.add_parser(name, help=mod.HELP, add_help=False)
     for name, mod in COMMANDS.items():
         mod.add_parser(sub)
     for name in LIGHTNING_COMMANDS:  # listed for --help; main() hands them to LightningCLI first
-        p = sub.add_parser(name, help=LIGHTNING_HELP[name], add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, name=name: run_lightning([name, *a.rest]))
+        sub.add_parser(name, help=LIGHTNING_HELP[name], add_help=False)
     return parser
 
 
@@ -67,13 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_allocator()  # streaming passes return freed tensors' memory to the OS (see runtime.py)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return run_lightning(argv)
-    args = build_parser().parse_args(argv)
+        return _quiet_on_broken_pipe(run_lightning, argv)
+    if argv and argv[0] in CONFIG_COMMANDS:
+        command = CONFIG_COMMANDS[argv[0]].main
+    else:
+        args = build_parser().parse_args(argv)
+        command = lambda rest: args.func(args)  # noqa: E731
     try:
-        return int(args.func(args) or 0)
+        return _quiet_on_broken_pipe(command, argv[1:])
     except TvqError as e:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvq: interrupted; no output was left half-written", file=sys.stderr)
         return 130
+
+
+def _quiet_on_broken_pipe(command, argv: list[str]) -> int:
+    """Run ``command(argv)``; when stdout's reader has gone (``| head``), stop without a traceback."""
+    try:
+        rc = int(command(argv) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+            pass
+        return 141

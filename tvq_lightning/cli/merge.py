@@ -1,116 +1,104 @@
 """``tvq merge``: merge a store's task vectors into a model (or a per-task artifact)."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ..errors import TvqError
+from jsonargparse import Namespace
+
+from ..errors import TvqError, UsageError
 from ..merging.engine import plan_merge
 from ..merging.output import write_merged, write_per_task
 from ..merging.registry import get_merger_class, list_mergers
-from ._common import add_checkpoint_options
+from .options import OptionsParser, dashed, parse_two_pass, signature_params
+
+HELP = "merge task vectors from a store"
 
 
-def _method_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
-    """Option name -> [(method, field)] over every registered method."""
-    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
-    for name in list_mergers():
-        for f in dataclasses.fields(get_merger_class(name).Config):
-            out.setdefault(f.name, []).append((name, f))
+def _description() -> str:
+    return ("Merge the task vectors of a store into theta_0, key by key (memory independent of the number of "
+            "tasks). Single-model methods write a complete state dict; per-task methods (" +
+            ", ".join(list_mergers(per_task=True)) + ") write a compact artifact directory that `tvq export "
+            "--store ARTIFACT --task NAME` turns into a task's model. The method's options are its Config's "
+            "fields: `tvq merge --method NAME --help` lists them.")
+
+
+def _all_method_options() -> dict[str, Any]:
+    """Option name -> type over every registered method (``Any`` where methods disagree)."""
+    out: dict[str, Any] = {}
+    for method in list_mergers():
+        for name, tp, _ in signature_params(get_merger_class(method).Config):
+            out[name] = tp if out.get(name, tp) == tp else Any
     return out
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "merge", help="merge task vectors from a store",
-        description="Merge the task vectors of a store into theta_0, key by key (memory independent of the "
-                    "number of tasks). Single-model methods write a complete state dict; per-task methods "
-                    "(" + ", ".join(list_mergers(per_task=True)) + ") write a compact artifact directory that "
-                    "`tvq export --store ARTIFACT --task NAME` turns into a task's model.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", required=True, metavar="PATH", help="theta_0 (must be the store's)")
-    p.add_argument("--store", required=True, metavar="STORE")
-    p.add_argument("--method", required=True, metavar="NAME", help="one of: " + ", ".join(list_mergers()))
-    p.add_argument("--tasks", nargs="+", metavar="NAME", help="merge only these tasks (default: all)")
-    p.add_argument("--device", default="cpu", help="device the per-key merge runs on (e.g. cuda)")
-    p.add_argument("--out", required=True, metavar="MERGED.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true")
-    add_checkpoint_options(p)
-    g = p.add_argument_group("method options (each applies to the methods named)")
-    for opt, uses in sorted(_method_fields().items()):
-        methods = ", ".join(f"{m} (default {f.default!r})" for m, f in uses)
-        g.add_argument("--" + opt.replace("_", "-"), dest="opt_" + opt, nargs="+", default=argparse.SUPPRESS,
-                       metavar="V", help=methods)
-    p.set_defaults(func=run)
+def build_parser(first: Namespace | None = None) -> OptionsParser:
+    """The options; after a first pass (``first``), those of the chosen method's ``Config``."""
+    method = None if first is None else first.get("method")
+    config = None if method is None else get_merger_class(method).Config  # unknown: "did you mean"
+    p = OptionsParser("tvq merge", _description())
+    required = first is not None
+    p.option("pretrained", str, required=required, metavar="PATH", help="theta_0 (must be the store's)")
+    p.option("store", str, required=required, metavar="STORE", help="the store of task vectors")
+    p.option("method", str, required=required, metavar="NAME", help="one of: " + ", ".join(list_mergers()))
+    p.option("tasks", str, None, "merge only these tasks (default: all)", nargs="+", metavar="NAME")
+    p.add_options(plan_merge, only=("device",), types={"device": str},
+                  help={"device": "device the per-key merge runs on (cpu, cuda, cuda:N)"})
+    p.option("out", str, required=required, metavar="MERGED.safetensors|DIR",
+             help="the merged state dict, or a directory for per-task methods")
+    p.option("overwrite", bool, False, "replace --out if it exists")
+    p.option("quiet", bool, False, "no progress bar")
+    p.add_options(plan_merge, only=("prefix", "allow_pickle"), help={
+        "prefix": "keep only keys under this prefix and strip it (e.g. model. for a Lightning .ckpt)",
+        "allow_pickle": "allow checkpoints that are pickled Python objects (loading them runs code from the file)"})
+    if first is None:  # first pass: every method's options, to find --method wherever it is given
+        for name, tp in _all_method_options().items():
+            p.option(name, tp, help="(an option of some method)")
+    elif config is not None:
+        names = p.add_options(config, title=f"{method} options ({config.__name__})")
+        valid = ", ".join("--" + dashed(n) for n in names) or "(none)"
+        p.unknown_option = lambda opt: f"method {method!r} has no option {opt}; its options are: {valid}"
+    return p
 
 
-def _coerce(method: str, name: str, values: list[str]):
-    cls = get_merger_class(method)
-    hints = typing.get_type_hints(cls.Config)
-    tp = hints[name]
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+def check_device(device: str) -> str:
+    """``device`` if this machine can merge on it, else a one-line error naming ``--device`` and the fix."""
+    import torch
 
-    def one(v: str, t):
-        o = typing.get_origin(t)
-        if o is typing.Literal:
-            if v not in typing.get_args(t):
-                raise TvqError(f"--{name.replace('_', '-')} {v!r}: choose one of {', '.join(map(str, typing.get_args(t)))}")
-            return v
-        if t is bool:
-            if v.lower() in ("1", "true", "yes"):
-                return True
-            if v.lower() in ("0", "false", "no"):
-                return False
-            raise TvqError(f"--{name.replace('_', '-')} expects true or false, got {v!r}")
-        if t in (int, float, str):
-            try:
-                return t(v)
-            except ValueError:
-                raise TvqError(f"--{name.replace('_', '-')} expects {t.__name__}, got {v!r}") from None
-        return v
-
-    if origin in (list, tuple) or (origin is typing.Union and any(typing.get_origin(a) in (list, tuple) for a in args)):
-        elem = next((typing.get_args(a)[0] for a in ([tp] if origin in (list, tuple) else args) if typing.get_origin(a) in (list, tuple)), float)
-        scalar = next((a for a in args if a not in (type(None),) and typing.get_origin(a) not in (list, tuple)), None)
-        if len(values) == 1 and scalar is not None:
-            return one(values[0], scalar)
-        return tuple(one(v, elem) for v in values)
-    if len(values) != 1:
-        raise TvqError(f"--{name.replace('_', '-')} takes one value, got {len(values)}")
-    if origin is typing.Union:
-        t = next(a for a in args if a is not type(None))
-        if values[0].lower() == "none":
-            return None
-        return one(values[0], t)
-    return one(values[0], tp)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: tvq merge runs on cpu or cuda; use --device cpu or --device cuda")
+    return device
 
 
-def run(args: argparse.Namespace) -> int:
-    method = args.method
-    get_merger_class(method)  # unknown method -> clear error
-    fields = {f.name for f in dataclasses.fields(get_merger_class(method).Config)}
-    options = {}
-    for key, values in vars(args).items():
-        if not key.startswith("opt_"):
-            continue
-        name = key[4:]
-        if name not in fields:
-            raise TvqError(f"method {method!r} has no option --{name.replace('_', '-')}; its options are: "
-                           + (", ".join("--" + f.replace("_", "-") for f in sorted(fields)) or "(none)"))
-        options[name] = _coerce(method, name, values)
-    out = Path(args.out)
-    plan = plan_merge(args.store, args.pretrained, method, tasks=args.tasks, device=args.device, prefix=args.prefix,
-                      allow_pickle=args.allow_pickle, progress=not args.quiet, **options)
+def main(argv: Sequence[str]) -> int:
+    return run(parse_two_pass(argv, build_parser))
+
+
+def run(ns: Namespace) -> int:
+    method = ns.method
+    names = [name for name, _, _ in signature_params(get_merger_class(method).Config)]
+    options = {name: ns[name] for name in names}
+    out = Path(ns.out)
+    plan = plan_merge(ns.store, ns.pretrained, method, tasks=ns.tasks, device=check_device(ns.device), prefix=ns.prefix,
+                      allow_pickle=ns.allow_pickle, progress=not ns.quiet, **options)
     if plan.merger.per_task:
         if out.suffix == ".safetensors":
             raise TvqError(f"{method} gives one model per task: --out must be a directory, not {out}")
-        info = write_per_task(plan, out, overwrite=args.overwrite)
+        info = write_per_task(plan, out, overwrite=ns.overwrite)
     else:
-        info = write_merged(plan, out, overwrite=args.overwrite)
+        info = write_merged(plan, out, overwrite=ns.overwrite)
     print(f"merged {len(plan.tasks)} task(s) of {plan.store.path} with {info['method']} into {out} "
           f"({info['bytes']:,} bytes, {info['seconds']:.1f} s)")
     return 0

@@ -1,7 +1,6 @@
 """The demo's settings: one typed, frozen dataclass; ``DemoConfig.quick()`` is the test-suite variant."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, replace
 
 from ..data.embedded import TASK_NAMES
@@ -20,6 +19,7 @@ SCHEMES: dict[str, StoreConfig] = {
     "tvq2": StoreConfig(scheme="tvq", bits=2),
     "rtvq_b3o2": StoreConfig(scheme="rtvq", base_bits=3, offset_bits=2),
     "budget": StoreConfig(scheme="rtvq", budget=2.5, per_tensor_bits=True),
+    "bitdelta": StoreConfig(scheme="bitdelta"),
 }
 #: stores written by QuantizeOnSave during fine-tuning (one task at a time): the exact baseline and
 #: the 4-bit store a practitioner keeps instead of checkpoints. The others are built afterwards from
@@ -76,24 +76,12 @@ class DemoConfig:
             raise TvqError(f"DemoConfig budget_sensitivity={self.budget_sensitivity!r}: choose 'grad2' or 'uniform'")
 
     def with_overrides(self, pairs: list[str]) -> DemoConfig:
-        """A copy with ``KEY=VALUE`` settings (``tvq demo --set``); tuples as comma-separated values."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        changes = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or key not in fields or key == "adapt_runs":
-                raise TvqError(f"--set {pair!r}: give KEY=VALUE with KEY one of "
-                               f"{', '.join(k for k in fields if k != 'adapt_runs')}")
-            current = getattr(self, key)
-            try:
-                if isinstance(current, tuple):
-                    kind = type(current[0]) if current else str
-                    changes[key] = tuple(kind(v) for v in value.split(",") if v)
-                else:
-                    changes[key] = type(current)(value)
-            except ValueError:
-                raise TvqError(f"--set {pair!r}: {value!r} is not a valid {type(current).__name__} for {key}") from None
-        return replace(self, **changes)
+        """A copy with ``KEY=VALUE`` settings (``tvq demo --set``), typed and checked by the same
+        options as ``tvq demo --KEY VALUE``; sequences as comma-separated values (not ``adapt_runs``:
+        its pairs need YAML, ``--adapt_runs '[[tinting, fp32]]'``)."""
+        from ..cli.options import apply_overrides
+
+        return apply_overrides(self, pairs, exclude=("adapt_runs",))
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:

@@ -1,5 +1,6 @@
 """Encoders plus per-task heads (open_clip, timm, any nn.Module)."""
 from .heads import ClassificationHead
 from .multitask import MultiTaskModel
+from .tiny import TinyEncoder
 
-__all__ = ["ClassificationHead", "MultiTaskModel"]
+__all__ = ["ClassificationHead", "MultiTaskModel", "TinyEncoder"]

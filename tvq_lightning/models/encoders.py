@@ -10,7 +10,7 @@ Kinds (``list_encoders()``):
 - ``timm``: ``timm.create_model(model_name, num_classes=0, pretrained=False)``: a feature
   extractor (no classifier).
 - ``module``: any ``nn.Module``: an instance, or an importable ``class_path`` plus its kwargs.
-- ``tiny``: :class:`tvq_lightning.testing.TinyEncoder` (tests and tiny configs).
+- ``tiny``: :class:`tvq_lightning.models.TinyEncoder` (tests and tiny configs).
 
 Each kind is also a plain function with typed arguments and an ``nn.Module`` return annotation,
 so a LightningCLI config can name it directly::
@@ -148,12 +148,12 @@ def module_encoder(class_path: str | nn.Module, **init_args: Any) -> nn.Module:
 @register_encoder("tiny")
 def tiny_encoder(width: int = 64, depth: int = 2, heads: int = 4, patch: int = 8, image: int = 32,
                  out_dim: int = 32, seed: int | None = None) -> nn.Module:
-    """:class:`~tvq_lightning.testing.TinyEncoder`; with ``seed``, CLIP-like heavy-tailed weights.
+    """:class:`~tvq_lightning.models.TinyEncoder`; with ``seed``, CLIP-like heavy-tailed weights.
 
     Without ``seed`` the output projection starts at zero (every feature is 0): give a seed for
     anything that fits a probe or trains.
     """
-    from ..testing import TinyEncoder, tiny_pretrained
+    from .tiny import TinyEncoder, tiny_pretrained
 
     kw = dict(width=width, depth=depth, heads=heads, patch=patch, image=image, out_dim=out_dim)
     return TinyEncoder(**kw) if seed is None else tiny_pretrained(seed, **kw)

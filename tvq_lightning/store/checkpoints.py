@@ -32,6 +32,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import sys
 import warnings
 from collections import Counter
@@ -244,7 +245,20 @@ def _load_torch_object(path: Path, allow_pickle: bool) -> Any:
     try:
         return _torch_load(path, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{path} could not be unpickled ({_first_line(e)}); re-export it") from e
+        raise _unpickling_failed(path, e) from e
+
+
+def _unpickling_failed(path: Path, exc: Exception) -> CheckpointError:
+    """Why a pickled checkpoint did not load; code missing here (a module, a class) is named, with the fixes."""
+    m = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(exc))
+    missing = (f"module {exc.name!r}" if isinstance(exc, ModuleNotFoundError) and exc.name
+               else f"class {m.group(2)}.{m.group(1)}" if isinstance(exc, AttributeError) and m else None)
+    if missing is None:
+        return CheckpointError(f"{path} could not be unpickled ({_first_line(exc)}); re-export it")
+    return CheckpointError(
+        f"{path} pickles objects whose {missing} cannot be imported here; install the package that provides it "
+        "(or put its directory on PYTHONPATH), or convert the checkpoint to .safetensors where it loads "
+        "(tvq_lightning.store.io.save_safetensors(load_state_dict(path, allow_pickle=True), out))")
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@
   store's task file never needs all its tensors in memory. The header's size is reserved up front
   from the names and maximum sizes the caller announces and padded with spaces at the end (the
   format allows trailing spaces in the header).
+- :func:`save_safetensors`: a whole state dict as one ``.safetensors`` file, through that writer.
 - :func:`staged_directory`: build a directory under a temporary name and move it into place only
   when complete.
 """
@@ -204,6 +205,17 @@ def header_upper_bound(specs: Mapping[str, tuple[str, int]], total_bytes: int) -
     off = len(str(max(total_bytes, 1)))
     per = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},')
     return 2 + sum(len(json.dumps(n)) + per + ndim * 21 + 2 * off for n, (_, ndim) in specs.items())
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a state dict as one ``.safetensors`` file (atomically: a temp file, then a rename)."""
+    path = Path(path)
+    specs = {k: ("F32", v.dim()) for k, v in sd.items()}
+    with SafetensorsStreamWriter(path, header_upper_bound(specs, sum(v.numel() * 8 for v in sd.values()))) as w:
+        for k, v in sd.items():
+            w.add(k, v.contiguous())
+        w.close()
+    return path
 
 
 @contextlib.contextmanager
