@@ -24,6 +24,8 @@ Schemes never import the store package at module level (the store imports them);
 """
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -182,13 +184,18 @@ class Scheme:
             raise QuantConfigError(f"rtvq_base={requested!r}: choose 'frozen' or 'recompute'")
         single = len(layout.base_tasks) < 2
         if requested is None:
-            return "recompute" if single else "frozen"
+            requested = "recompute" if single else "frozen"
         if requested == "frozen" and single:
             who = f"the single task {layout.base_tasks[0]!r}" if layout.base_tasks else "no task"
             raise QuantConfigError(
                 f"this store's {self.name.upper()} base was built from {who}: a frozen base would be that task's "
                 f"vector, and the new tasks' error would exceed their norm; pass rtvq_base='recompute' "
                 f"(--rtvq-base recompute) or leave it unset")
+        if requested == "frozen":
+            warnings.warn(
+                f"adding tasks against a frozen {self.name.upper()} base computed from {len(layout.base_tasks)} "
+                f"task(s): the new tasks' offsets are wider than those of the base's own tasks (more error); "
+                f"for the most accurate store, build it from all tasks at once", stacklevel=3)
         return requested
 
     # -- cost and bit allocation -------------------------------------------------------------------
