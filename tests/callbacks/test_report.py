@@ -128,3 +128,24 @@ def test_nothing_logged_or_not_rank_zero_writes_nothing(tmp_path):
     fake.is_global_zero, fake.callback_metrics = True, {"train/loss": 1.0}
     assert cb.write(fake, module) is None
     assert not (tmp_path / "x").exists()
+
+
+def test_every_rank_resolves_the_log_dir(tmp_path):
+    """``trainer.log_dir`` broadcasts under DDP: every rank asks for it (else rank 0 waits for ranks
+    that already left); only rank zero writes."""
+    calls = []
+
+    class Rank1Trainer:
+        is_global_zero = False
+        callback_metrics = {"test/acc/cars": torch.tensor(0.5)}
+        datamodule = None
+        default_root_dir = str(tmp_path)
+        global_step = 0
+
+        @property
+        def log_dir(self):
+            calls.append(1)
+            return str(tmp_path)
+
+    assert MultiTaskReport().write(Rank1Trainer(), LogsPerTask()) is None
+    assert calls == [1] and not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tvq_lightning.cli.lightning import TvqLightningCLI
@@ -130,6 +131,36 @@ def test_tasks_link(pipeline, workdir):
     # a module without a `tasks` argument (single-task fine-tuning) is not linked
     cli = TvqLightningCLI(args=["-c", str(CONFIGS / "finetune_tiny.yaml")], run=False)
     assert cli.model.task == "a" and not hasattr(cli.model, "tasks")
+
+
+# every shipped config runs `tvq predict` (after the pipeline wrote its store, heads and coefficients)
+PREDICT = [("finetune_tiny", ["--model.head_path", "runs/tiny/heads/a.safetensors"]), ("evaluate_tiny", []),
+           ("adamerging_task", []), ("adamerging_layer", []), ("tinting_tiny", []), ("surgery_tiny", []),
+           ("pretrain_tiny_clip", ["--data.init_args.num_samples", "32", "--data.init_args.batch_size", "16",
+                                   "--trainer.accelerator", "cpu"])]
+
+
+@pytest.mark.parametrize("name,extra", PREDICT, ids=[n for n, _ in PREDICT])
+def test_predict_runs_for_every_config(pipeline, workdir, tvq, name, extra, monkeypatch):
+    monkeypatch.setenv("TVQ_CACHE_DIR", str(workdir / "cache"))
+    res = tvq("predict", "-c", CONFIGS / f"{name}.yaml", *extra)
+    assert res.rc == 0, res.err[-3000:]
+
+
+def test_predict_gives_the_merged_model_s_labels(pipeline, workdir):
+    """``predict`` of the evaluation config: per task loader, ``{"task", "preds"}`` batches whose
+    labels score exactly the accuracy ``test`` logs."""
+    cli = TvqLightningCLI(args=["-c", str(CONFIGS / "evaluate_tiny.yaml"), "--trainer.logger", "false",
+                                "--trainer.callbacks", "[]"], run=False)
+    preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert len(preds) == 2
+    for task, batches in zip(["a", "b"], preds):
+        assert {b["task"] for b in batches} == {task}
+        labels = cli.datamodule.split(task, "test").tensors[1]
+        got = torch.cat([b["preds"] for b in batches])
+        assert got.shape == labels.shape and got.dtype == torch.long
+        assert float((got == labels).float().mean()) == pytest.approx(cli.model.results[task])
 
 
 def test_tvq_error_is_one_line(workdir, tvq):

@@ -34,12 +34,24 @@ def test_loaders_serve_the_given_tensors():
 
 
 def test_unlabelled_adaptation_loader_gives_test_inputs_only():
+    """Unlabelled batches are always (sample indices, inputs) of the test split: no labels."""
     d = data()
     dm = TensorTasks(d, {"a": 3, "b": 5}, batch_size=4)
     batch, _, _ = next(iter(dm.train_dataloader()))
     assert set(batch) == {"a", "b"}
-    assert batch["a"].shape == (4, 6)
-    assert any(torch.equal(batch["a"][0], row) for row in d["a"]["test"][0])
+    idx, x = batch["a"]
+    assert idx.dtype == torch.long and idx.shape == (4,) and x.shape == (4, 6)
+    assert torch.equal(x, d["a"]["test"][0][idx])          # row i of the batch is test sample idx[i]
+
+
+def test_predict_loaders_are_the_test_loaders_in_task_order():
+    d = data()
+    dm = TensorTasks(d, {"a": 3, "b": 5}, batch_size=4, eval_batch_size=8)
+    loaders = dm.predict_dataloader()
+    assert len(loaders) == 2
+    for task, loader in zip(("a", "b"), loaders):
+        bx, by = map(torch.cat, zip(*loader))
+        assert torch.equal(bx, d[task]["test"][0]) and torch.equal(by, d[task]["test"][1])
 
 
 def test_missing_class_count_or_split_raises():

@@ -1,6 +1,6 @@
 """Run by test_tinting.py's DDP test: ``python _ddp_tinting_script.py ASSETS OUT``.
 
-``Trainer(strategy="ddp_find_unused_parameters_true", devices=2)`` (gloo on CPU) re-launches this
+``Trainer(strategy="ddp", devices=2)`` (gloo on CPU) re-launches this
 script for rank 1. Two short fits: Tinting++ with per-task head tints and one step per task, then
 a block tint with joint steps. Each rank writes ``OUT/rank<r>.json``: the coefficients and the
 tinted layer's weights after each fit, and the kept fraction it logged.
@@ -33,7 +33,7 @@ def main(assets: str, out: str) -> None:
     result = {}
     for name, kw in RUNS.items():
         module = tinting(Path(assets), **kw)
-        trainer = A.trainer(devices=2, strategy="ddp_find_unused_parameters_true", max_steps=STEPS)
+        trainer = A.trainer(devices=2, strategy="ddp", max_steps=STEPS)
         trainer.fit(module, datamodule=ToyTasks(tasks=TASKS, batch_size=8, test_size=32))
         result[name] = {"coefficients": module.lambdas().detach().tolist(),
                         "tinted": [p.detach().flatten().tolist() for p in module.tint_parameters()],

@@ -16,10 +16,10 @@ from tvq_lightning.data import ToyTasks
 from tvq_lightning.errors import TvqError
 from tvq_lightning.models.heads import ClassificationHead
 from tvq_lightning.modules import tinting as tinting_mod
-from tvq_lightning.modules._experts import confidence_keep
 from tvq_lightning.modules.evaluate import MergedEvaluation
 from tvq_lightning.modules.tinting import Tinting
 from tvq_lightning.store import TaskVectorStore, load_state_dict
+from tvq_lightning.tasks import create_task_type
 from tvq_lightning.testing import TinyEncoder
 
 from _adapt_setup import trainer  # noqa: E402
@@ -53,7 +53,7 @@ CASES = [
 
 def test_confidence_rule_on_crafted_samples():
     c_e, y_e, c_m, y_m, want = (torch.tensor(col) for col in zip(*CASES))
-    assert confidence_keep(c_e, y_e, c_m, y_m).tolist() == want.tolist()
+    assert create_task_type("classification").keep_where(y_e, c_e, y_m, c_m).tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("sampling", [True, False])
@@ -66,10 +66,10 @@ def test_task_loss_drops_exactly_the_rule_s_samples(assets, sampling):
     probs[torch.arange(n), y_m] = c_m.float()
     logits = probs.log().requires_grad_(True)
     idx = torch.arange(n) + 10                    # the cache is looked up by sample index
-    m.expert_labels = {"a": torch.zeros(20, dtype=torch.long), "b": torch.zeros(20, dtype=torch.long)}
+    m.expert_targets = {"a": torch.zeros(20, dtype=torch.long), "b": torch.zeros(20, dtype=torch.long)}
     m.expert_conf = {"a": torch.zeros(20), "b": torch.zeros(20)}
-    m.expert_labels["a"][idx], m.expert_conf["a"][idx] = y_e, c_e.float()
-    m.tinted_logits = lambda images, i, params: logits
+    m.expert_targets["a"][idx], m.expert_conf["a"][idx] = y_e, c_e.float()
+    m.tinted_outputs = lambda images, i, params: logits
     loss, kept, seen = m.task_loss({"a": (idx, torch.zeros(n, 3, 32, 32))}, 0, {})
     keep = want if sampling else torch.ones(n, dtype=torch.bool)
     assert (kept, seen) == (int(keep.sum()), n)
@@ -94,20 +94,22 @@ def test_pseudo_labels_cached_once(assets, monkeypatch):
     real = tinting_mod.expert_outputs
     monkeypatch.setattr(tinting_mod, "expert_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
     m, dm = _tinting(assets), _dm()
+    settings = lambda: {k: v for k, v in vars(dm).items() if not k.startswith("_") and k != "trainer"}  # noqa: E731
+    state = settings()
     seen = []
     real_split = tinting_mod.split_batch
-    monkeypatch.setattr(tinting_mod, "split_batch", lambda b, t, n: seen.append(b[t][0]) or real_split(b, t, n))
+    monkeypatch.setattr(tinting_mod, "split_batch", lambda b, t, n, tt: seen.append(b[t][0]) or real_split(b, t, n, tt))
     _trainer(max_steps=6).fit(m, dm)
     assert seen and all(i.dtype == torch.long for i in seen)   # (index, image) batches while fitting ...
-    assert not dm.train_indices                                # ... and plain image batches afterwards
+    assert settings() == state and not hasattr(dm, "train_indices")   # ... without changing the datamodule
     assert m.expert_passes == 1 and len(calls) == len(TASKS)      # one pass per task, then lookups only
     _trainer(max_steps=4).fit(m, dm)                    # fitting again reuses the cache
     assert m.expert_passes == 1 and len(calls) == len(TASKS)
     for t in TASKS:
         images = dm.split(t, "test").tensors[0]
         conf, labels = _independent_expert(assets, t, images)
-        assert m.expert_labels[t].shape == (len(images),)
-        assert torch.equal(m.expert_labels[t], labels)
+        assert m.expert_targets[t].shape == (len(images),)
+        assert torch.equal(m.expert_targets[t], labels)
         assert torch.allclose(m.expert_conf[t], conf, atol=1e-5)
 
 
@@ -115,7 +117,7 @@ def test_joint_head_tint_shares_one_encoder_pass(assets):
     """Joint steps with head tints run every task's images through one (streamed) encoder pass:
     the same losses and gradients as one forward per task through one merge."""
     m, dm, n = _tinting(assets, step_mode="joint"), _dm(), 8
-    m.expert_labels = {t: torch.arange(n) % 4 for t in TASKS}
+    m.expert_targets = {t: torch.arange(n) % 4 for t in TASKS}
     m.expert_conf = {t: torch.linspace(0.2, 1.0, n) for t in TASKS}
     batch = {t: (torch.arange(n), dm.split(t, "test").tensors[0][:n]) for t in TASKS}
     params = [m.coefficients, *m.tint_parameters()]
@@ -137,7 +139,7 @@ def test_step_skipped_when_nothing_is_kept(assets, step_mode):
     m = _tinting(assets, step_mode=step_mode)
     n = len(_dm().split("a", "test"))
     # labels no prediction can match and a confidence below any softmax maximum: nothing is kept
-    m.expert_labels = {t: torch.full((n,), -1) for t in TASKS}
+    m.expert_targets = {t: torch.full((n,), -1) for t in TASKS}
     m.expert_conf = {t: torch.full((n,), -1.0) for t in TASKS}
     coeffs, heads = m.coefficients.detach().clone(), [p.detach().clone() for p in m.model.heads.parameters()]
     trainer = _trainer(max_epochs=1, limit_train_batches=3)

@@ -1,10 +1,11 @@
 """A per-task results table, written when testing ends: ``report.md``, ``report.json``, ``report.png``.
 
 Multi-task modules log one value per task as ``<stage>/<metric>/<task>`` plus the average as
-``<stage>/<metric>/avg`` (e.g. ``test/acc/cars``, ``test/acc/avg``). :class:`MultiTaskReport`
-collects them from ``trainer.callback_metrics`` at ``on_test_end`` (or ``on_validation_end`` with
-``stage="val"``), on global rank zero only, and writes into ``out_dir`` (default
-``trainer.log_dir``):
+``<stage>/<metric>/avg`` (e.g. ``test/acc/cars``, ``test/acc/avg``). The metric names are the
+module's (``pl_module.metric_names``: its task types' metrics; ``acc`` for classification) unless
+given. :class:`MultiTaskReport` collects them from ``trainer.callback_metrics`` at ``on_test_end``
+(or ``on_validation_end`` with ``stage="val"``) and writes, on global rank zero only, into
+``out_dir`` (default ``trainer.log_dir``, resolved on every rank: under DDP it is a collective):
 
 - ``report.md``: a Markdown table, one row per task (then ``avg``), one column per metric;
 - ``report.json``: ``{"stage", "module", "metrics", "tasks", "values": {metric: {task: value}}}``
@@ -57,48 +58,57 @@ def collect_task_metrics(metrics: Mapping[str, Any], stage: str, names: Sequence
     return out
 
 
-def markdown_table(values: Mapping[str, Mapping[str, float]], scale: float = 1.0, digits: int = 2) -> str:
-    """A Markdown table: rows are tasks (``avg`` last, in bold), columns the metrics."""
+def _scales(names: Sequence[str], scale: float | Mapping[str, float]) -> dict[str, float]:
+    return {n: float(scale.get(n, 1.0)) if isinstance(scale, Mapping) else float(scale) for n in names}
+
+
+def markdown_table(values: Mapping[str, Mapping[str, float]], scale: float | Mapping[str, float] = 1.0,
+                   digits: int = 2) -> str:
+    """A Markdown table: rows are tasks (``avg`` last, in bold), columns the metrics (``scale``: one
+    factor for all, or one per metric: 100 shows a percentage)."""
     names = list(values)
     tasks: list[str] = []
     for name in names:
         tasks += [t for t in values[name] if t not in tasks]
     tasks = [t for t in tasks if t != "avg"] + (["avg"] if "avg" in tasks else [])
+    scales = _scales(names, scale)
 
     def cell(name: str, task: str) -> str:
         v = values[name].get(task)
         if v is None or not math.isfinite(v):
             return "-" if v is None else str(v)
-        s = f"{v * scale:.{digits}f}"
+        s = f"{v * scales[name]:.{digits}f}"
         return f"**{s}**" if task == "avg" else s
 
-    unit = " (%)" if scale == 100.0 else ""
-    lines = ["| task | " + " | ".join(f"{n}{unit}" for n in names) + " |",
+    lines = ["| task | " + " | ".join(f"{n}{' (%)' if scales[n] == 100.0 else ''}" for n in names) + " |",
              "|---|" + "---:|" * len(names)]
     for t in tasks:
         lines.append(f"| {'**avg**' if t == 'avg' else t} | " + " | ".join(cell(n, t) for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
-def bar_plot(values: Mapping[str, Mapping[str, float]], path: Path, scale: float = 1.0, title: str = "") -> None:
+def bar_plot(values: Mapping[str, Mapping[str, float]], path: Path, scale: float | Mapping[str, float] = 1.0,
+             title: str = "") -> None:
     """One bar subplot per metric (tasks, then ``avg`` in a darker colour), saved as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = list(values)
+    scales = _scales(names, scale)
     width = max(4.0, 0.6 * max(len(v) for v in values.values()) + 1.5)
     fig = Figure(figsize=(width, 3.0 * len(names)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, names):
+        factor = scales[name]
         tasks = list(values[name])
-        heights = [values[name][t] * scale for t in tasks]
+        heights = [values[name][t] * factor for t in tasks]
         colors = ["#1f4e79" if t == "avg" else "#5b9bd5" for t in tasks]
         bars = ax.bar(range(len(tasks)), heights, color=colors)
         ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 6 else 0, ha="right" if len(tasks) > 6 else "center")
-        ax.set_ylabel(f"{name}{' (%)' if scale == 100.0 else ''}")
-        ax.bar_label(bars, fmt="%.1f" if scale == 100.0 else "%.3f", fontsize=8)
-        if scale == 100.0:
+        ax.set_ylabel(f"{name}{' (%)' if factor == 100.0 else ''}")
+        ax.bar_label(bars, fmt="%.1f" if factor == 100.0 else "%.3f", fontsize=8)
+        if factor == 100.0:
             ax.set_ylim(0, 105)
     if title:
         axes[0].set_title(title)
@@ -112,11 +122,13 @@ class MultiTaskReport(Callback):
     Args:
         out_dir: where to write; None uses ``trainer.log_dir`` (``trainer.default_root_dir`` when
             there is no logger).
-        metrics: the metric names to collect (``test/<name>/<task>``).
+        metrics: the metric names to collect (``test/<name>/<task>``); default: the module's
+            ``metric_names`` (its task types' metrics), else ``acc``.
         stage: ``"test"`` (at ``on_test_end``) or ``"val"`` (at ``on_validation_end``, sanity
             check excluded).
         filename: the files' stem (``report`` -> ``report.md``, ``report.json``, ``report.png``).
-        percent: show values times 100 in the table and plot (the JSON keeps the raw values).
+        percent: show values times 100 in the table and plot (the JSON keeps the raw values); with
+            a module that declares ``percent_metrics``, only those.
         plot: also write the PNG.
         title: the table's heading and the plot's title (default: the module's class name).
     """
@@ -126,7 +138,7 @@ class MultiTaskReport(Callback):
                  plot: bool = True, title: str | None = None) -> None:
         super().__init__()
         self.out_dir = out_dir
-        self.metrics = list(metrics) if metrics else ["acc"]
+        self.metrics = list(metrics) if metrics else None
         self.stage = stage
         self.filename = filename
         self.percent = percent
@@ -151,9 +163,11 @@ class MultiTaskReport(Callback):
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         """Collect, write the files (global rank zero only) and return the report (None: nothing logged)."""
+        out = self.output_dir(trainer)   # every rank: trainer.log_dir broadcasts under DDP
         dm = getattr(trainer, "datamodule", None)
         order = list(getattr(dm, "tasks", None) or getattr(pl_module, "tasks", None) or [])
-        values = collect_task_metrics(trainer.callback_metrics, self.stage, self.metrics, order)
+        names = self.metrics or list(getattr(pl_module, "metric_names", None) or ["acc"])
+        values = collect_task_metrics(trainer.callback_metrics, self.stage, names, order)
         if not values or not trainer.is_global_zero:
             return None
         title = self.title or type(pl_module).__name__
@@ -161,9 +175,11 @@ class MultiTaskReport(Callback):
         report = {"stage": self.stage, "module": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                   "title": title, "global_step": int(trainer.global_step), "metrics": list(values),
                   "tasks": tasks, "values": values}
-        out = self.output_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
-        scale = 100.0 if self.percent else 1.0
+        declared = getattr(pl_module, "percent_metrics", None)
+        scale: float | dict[str, float] = 100.0 if self.percent else 1.0
+        if self.percent and declared is not None:
+            scale = {n: 100.0 if n in declared else 1.0 for n in values}
         md, js = out / f"{self.filename}.md", out / f"{self.filename}.json"
         md.write_text(f"# {title}: {self.stage} results\n\n" + markdown_table(values, scale))
         js.write_text(json.dumps(report, indent=2) + "\n")

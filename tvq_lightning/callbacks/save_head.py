@@ -2,7 +2,9 @@
 
 Task vectors never include the heads, yet every multi-task module (MergedEvaluation, AdaMerging,
 Tinting, Surgery) needs one head per task: they read them from ``heads_dir``, one
-``<task>.safetensors`` per task (:meth:`~tvq_lightning.models.ClassificationHead.save`).
+``<task>.safetensors`` per task (written by the module's task type,
+:meth:`~tvq_lightning.tasks.TaskType.save_head`; classification:
+:meth:`~tvq_lightning.models.ClassificationHead.save`).
 :class:`SaveHead` writes that file at the end of fitting (global rank zero), so a fine-tuning run
 with :class:`~.quantize_on_save.QuantizeOnSave` leaves behind everything a merge needs: the
 store, theta_0 and the heads. With :class:`~tvq_lightning.modules.finetune.FineTuneModule` the
@@ -46,10 +48,14 @@ class SaveHead(Callback):
         if not isinstance(task, str):
             raise TvqError(f"SaveHead: {type(pl_module).__name__} has no 'task' name; pass task: NAME")
         head = getattr(pl_module, self.attribute, None)
-        if head is None or not hasattr(head, "save"):
+        task_type = getattr(pl_module, "task_type", None)
+        if head is None or (task_type is None and not hasattr(head, "save")):
             raise TvqError(f"SaveHead: {type(pl_module).__name__}.{self.attribute} is not a ClassificationHead; "
                            "set attribute to the module's head")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / f"{check_task_name(task)}.safetensors"
-        head.save(self.path)
+        if task_type is not None and hasattr(task_type, "save_head"):
+            task_type.save_head(head, self.path)
+        else:
+            head.save(self.path)
         return self.path

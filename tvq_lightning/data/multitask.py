@@ -1,13 +1,17 @@
-"""A LightningDataModule over several classification tasks, in the shape every module expects.
+"""A LightningDataModule over several tasks, in the shape every module expects.
 
 - ``train_dataloader()``: with ``train_task`` set, that task's labelled training set (fine-tuning);
   otherwise a :class:`~lightning.pytorch.utilities.CombinedLoader` (``max_size_cycle``) of every
-  task's *unlabelled* test images, ``{task: images}`` per step (test-time adaptation). With
-  ``train_indices`` set (modules that cache per-sample targets set it in ``setup``: Tinting,
-  Surgery), each task's batch is ``(indices, images)`` instead (:class:`IndexedImages`).
-- ``val_dataloader()`` / ``test_dataloader()``: one labelled loader per task, in task order, so
-  ``dataloader_idx`` is the task index; under DDP each task's samples are split across ranks
-  without padding (:mod:`.sampling`), so counts and accuracies are exact.
+  task's *unlabelled* test images, ``{task: (indices, images)}`` per step (test-time adaptation;
+  :class:`IndexedImages`): the sample indices key the per-sample targets Tinting and Surgery cache,
+  and AdaMerging ignores them. The module never changes the datamodule: it always yields this.
+- ``val_dataloader()`` / ``test_dataloader()`` / ``predict_dataloader()``: one labelled loader per
+  task, in task order, so ``dataloader_idx`` is the task index (predict: the test splits); under
+  DDP each task's samples are split across ranks without padding (:mod:`.sampling`), so counts
+  and metrics are exact.
+
+Samples are ``(image, target, ...)``: a class label for classification, or e.g. a map and a
+validity mask for a dense task type (the task type's batch adapter reads them).
 
 Concrete suites (the generated toy tasks below, the embedded benchmark, public datasets) only
 implement :meth:`MultiTaskDataModule.make_split`.
@@ -40,7 +44,7 @@ class ImagesOnly(Dataset):
 
 class IndexedImages(Dataset):
     """``(index, image)`` of a labelled dataset: unlabelled adaptation with per-sample caches
-    (expert pseudo-labels or features computed once, looked up by index)."""
+    (expert pseudo-targets or features computed once, looked up by index)."""
 
     def __init__(self, base: Dataset):
         self.base = base
@@ -68,7 +72,6 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.train_task = train_task
         self.num_workers = num_workers
         self._splits: dict[tuple[str, str], Dataset] = {}
-        self.train_indices = False  # unlabelled batches as (indices, images): see IndexedImages
 
     # -- to implement --------------------------------------------------------------------------
     def make_split(self, task: str, split: str) -> Dataset:  # pragma: no cover - abstract
@@ -91,8 +94,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.train_task is not None:
             return self._loader(self.split(self.train_task, "train"), self.batch_size, shuffle=True)
-        wrap = IndexedImages if self.train_indices else ImagesOnly
-        return CombinedLoader({t: self._loader(wrap(self.split(t, "test")), self.batch_size, shuffle=True)
+        return CombinedLoader({t: self._loader(IndexedImages(self.split(t, "test")), self.batch_size, shuffle=True)
                                for t in self.tasks}, mode="max_size_cycle")
 
     def val_dataloader(self):
@@ -102,6 +104,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return [unpadded_eval_loader(self._loader(self.split(t, "test"), self.eval_batch_size, shuffle=False))
                 for t in self.tasks]
+
+    def predict_dataloader(self):
+        """The test splits, one loader per task (the modules predict with the task's type)."""
+        return self.test_dataloader()
 
 
 class ToyTasks(MultiTaskDataModule):

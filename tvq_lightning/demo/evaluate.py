@@ -1,7 +1,8 @@
 """Accuracy of models of the fine-tuned top on the tasks' cached stem features, and store diagnostics.
 
 Models are state dicts of ``visual.top`` (θ0, a merge, θ0 + τ̂_t); a forward is
-``head_t(functional_call(top, params, features))``. Accuracies are percentages.
+``head_t(functional_call(top, params, features))``, scored by the classification task type's
+main metric (:meth:`~tvq_lightning.tasks.TaskType.score`). Accuracies are percentages.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..store.reader import TaskVectorStore
+from ..tasks import create_task_type
 from .bench import Bench
+
+TASK_TYPE = create_task_type("classification")   # every task of the embedded benchmark
 
 
 class Evaluator:
@@ -29,7 +33,7 @@ class Evaluator:
         correct = 0
         for i in range(0, len(x), 1024):
             z = functional_call(self.top, dict(params), (x[i:i + 1024],))
-            correct += int((head(z).argmax(-1) == y[i:i + 1024]).sum())
+            correct += TASK_TYPE.score(head(z), y[i:i + 1024])[0]
         return 100.0 * correct / max(len(x), 1)
 
     @torch.no_grad()
@@ -42,8 +46,8 @@ class Evaluator:
         out, start = {}, 0
         for t in tasks:
             y = self.bench.data[t][split][1]
-            pred = self.bench.heads[t](z[start:start + len(y)]).argmax(-1)
-            out[t] = 100.0 * int((pred == y).sum()) / max(len(y), 1)
+            correct, _ = TASK_TYPE.score(self.bench.heads[t](z[start:start + len(y)]), y)
+            out[t] = 100.0 * correct / max(len(y), 1)
             start += len(y)
         return out
 

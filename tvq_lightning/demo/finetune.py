@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..callbacks.quantize_on_save import QuantizeOnSave
@@ -28,6 +27,7 @@ from ..store.reader import TaskVectorStore
 from ..store.writer import quantize_to_store
 from .bench import Bench
 from .config import PER_TASK_SCHEMES, SCHEMES
+from .evaluate import TASK_TYPE
 
 
 class FinetunedFromStore(Mapping):
@@ -80,7 +80,7 @@ def task_sensitivities(bench: Bench, config: StoreConfig) -> dict[str, float]:
         x, y = bench.data[t]["train"]
         batches = zip(x.split(cfg.finetune_batch), y.split(cfg.finetune_batch))
         head = bench.heads[t]
-        sums, count = accumulate_squared_gradients(lambda i, b, head=head: F.cross_entropy(head(top(b[0])), b[1]),
+        sums, count = accumulate_squared_gradients(lambda i, b, head=head: TASK_TYPE.loss(head(top(b[0])), b[1]),
                                                    params, batches, cfg.sensitivity_batches)
         total += sums / max(count, 1)
     return {k: float(v) / len(bench.tasks) for (k, _), v in zip(named, total)}

@@ -1,4 +1,9 @@
-"""An image encoder shared by all tasks plus one head per task: the object every module merges into."""
+"""An image encoder shared by all tasks plus one head per task: the object every module merges into.
+
+The encoder's output may be a feature vector ``(B, D)``, a map ``(B, C, H, W)`` or a list of
+multi-scale maps; a head is whatever the task's type reads it with (a classification head, a
+whole dense decoder). Heads are per task and never merged.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,7 +14,7 @@ from ..errors import TvqError
 
 
 class MultiTaskModel(nn.Module):
-    """``encoder(images) -> features``; ``heads[task](features) -> logits``.
+    """``encoder(images) -> features``; ``heads[task](features) -> outputs`` (logits, maps).
 
     Only the encoder is merged; heads stay per task. ``encoder_prefix`` is the prefix of the
     encoder's keys in this module's state dict (``"encoder."``).

@@ -1,16 +1,18 @@
-"""Per-sample targets from the fine-tuned experts, computed once: Tinting's pseudo-labels, Surgery's features.
+"""Per-sample targets from the fine-tuned experts, computed once: Tinting's pseudo-targets, Surgery's features.
 
 The expert of task t is theta_0 + tau_t, with tau_t dequantized from the store (what the store can
 give back of the fine-tuned model). Both Tinting and Surgery train on the unlabelled test images
-of every task; their targets are fixed per sample, so they are computed ONCE, without gradients,
-before the first step, and looked up by sample index afterwards. For that the training batches
-carry indices: the module sets ``datamodule.train_indices = True`` in ``setup`` (and back to False
-in ``teardown``; see :class:`~tvq_lightning.data.multitask.IndexedImages`), so each task's batch
-is ``(indices, images)``.
+of every task; their targets are fixed per sample (labels, or maps for dense task types), so they
+are computed ONCE, without gradients, before the first step, and looked up by sample index
+afterwards. For that the training batches carry indices: a
+:class:`~tvq_lightning.data.MultiTaskDataModule` without ``train_task`` always yields
+``{task: (indices, images)}`` (:class:`~tvq_lightning.data.multitask.IndexedImages`); the
+modules only read the datamodule, never change it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -20,35 +22,31 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import TvqError
 from ..store.reader import TaskVectorStore
+from ..tasks import TaskType
 
 
-def request_indices(trainer, module_name: str) -> None:
-    """Ask the datamodule for ``(indices, images)`` training batches (before loaders are built)."""
+def check_unlabelled_data(trainer, module_name: str) -> None:
+    """The datamodule must give every task's unlabelled ``(indices, images)`` batches (read only)."""
     dm = getattr(trainer, "datamodule", None)
-    if dm is None or not hasattr(dm, "train_indices"):
+    if dm is None or not hasattr(dm, "tasks"):
         raise TvqError(f"{module_name} needs a MultiTaskDataModule (its unlabelled loaders must yield sample indices); "
                        "give data: class_path: tvq_lightning.data.ToyTasks (or another MultiTaskDataModule)")
     if getattr(dm, "train_task", None) is not None:
         raise TvqError(f"{module_name} adapts on every task's unlabelled images: unset data.train_task "
                        f"(it is {dm.train_task!r})")
-    dm.train_indices = True
 
 
-def release_indices(trainer) -> None:
-    """Back to plain image batches (``teardown``): the datamodule may serve other modules next."""
-    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if dm is not None and hasattr(dm, "train_indices"):
-        dm.train_indices = False
-
-
-def split_batch(batch: Mapping, task: str, module_name: str) -> tuple[Tensor, Tensor]:
+def split_batch(batch: Mapping, task: str, module_name: str, task_type: TaskType) -> tuple[Tensor, Tensor]:
     """``(indices, images)`` of ``task`` in a CombinedLoader batch, with a clear error otherwise."""
     item = batch.get(task) if isinstance(batch, Mapping) else None
-    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Tensor)
-            and not item[0].is_floating_point()):
+    try:
+        idx, images = task_type.unlabelled(item)
+    except TvqError:
+        idx = None
+    if idx is None:
         raise TvqError(f"{module_name}: the training batch of task {task!r} is not (indices, images); fit with a "
-                       "MultiTaskDataModule without train_task (the module turns on its train_indices)")
-    return item[0], item[1]
+                       "MultiTaskDataModule without train_task (its unlabelled batches carry sample indices)")
+    return idx, images
 
 
 def indexed_datasets(trainer, tasks: Sequence[str]) -> dict[str, Dataset]:
@@ -75,23 +73,24 @@ def expert_params(store: TaskVectorStore, pretrained: Mapping[str, Tensor], task
 
 @torch.no_grad()
 def expert_outputs(encoder: nn.Module, params: Mapping[str, Tensor], dataset: Dataset,
-                   fn: Callable[[Tensor], Tensor], device: torch.device | str, batch_size: int = 128) -> Tensor:
-    """``fn(encoder_with(params)(image))`` for every ``(index, image)`` of ``dataset``, row = index."""
-    out: Tensor | None = None
-    for idx, images in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        y = fn(functional_call(encoder, dict(params), (images.to(device),))).float()
-        if out is None:
-            out = torch.empty((len(dataset), *y.shape[1:]), device=device)
-        out[idx.to(device)] = y
-    if out is None:
-        raise TvqError("an unlabelled training set is empty; nothing to adapt on")
-    return out
+                   fn: Callable[[Any], Tensor | tuple[Tensor, ...]], device: torch.device | str,
+                   batch_size: int = 128) -> Tensor | tuple[Tensor, ...]:
+    """``fn(encoder_with(params)(image))`` for every ``(index, image)`` of ``dataset``, row = index.
 
-
-def confidence_keep(conf_expert: Tensor, label_expert: Tensor, conf_merged: Tensor, label_merged: Tensor) -> Tensor:
-    """Tinting++'s confidence-based sampling: keep a sample if the expert and the merged model agree
-    (``y_e == y_m``), or if they disagree and the expert is at least as confident (``c_e >= c_m``).
-
-    All arguments are per-sample tensors (confidences = max softmax probability); returns a bool mask.
+    ``fn`` returns a tensor or a tuple of tensors (e.g. a pseudo-target and its confidence); each is
+    gathered into one ``(len(dataset), ...)`` tensor (floating ones as float32, integer ones as they are).
     """
-    return (label_expert == label_merged) | (conf_expert >= conf_merged)
+    outs: list[Tensor] | None = None
+    single = False
+    for idx, images in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        y = fn(functional_call(encoder, dict(params), (images.to(device),)))
+        single = isinstance(y, Tensor)
+        ys = [y] if single else list(y)
+        ys = [v.float() if v.is_floating_point() else v for v in ys]
+        if outs is None:
+            outs = [torch.empty((len(dataset), *v.shape[1:]), dtype=v.dtype, device=device) for v in ys]
+        for o, v in zip(outs, ys):
+            o[idx.to(device)] = v
+    if outs is None:
+        raise TvqError("an unlabelled training set is empty; nothing to adapt on")
+    return outs[0] if single else tuple(outs)

@@ -1,10 +1,12 @@
-"""AdaMerging (task-wise / layer-wise, optionally ++) on packed task vectors (ALGORITHMS.md §5).
+"""AdaMerging (task-wise / layer-wise, optionally ++) on packed task vectors (docs/algorithms.md §5).
 
 theta = theta_0 + sum_t lambda_t tau_t (task-wise) or theta_k = theta0_k + sum_t lambda_{k,t} tau_{k,t}
 (layer-wise: one coefficient per store key and task). Coefficients start at ``init`` (0.3), are
-clamped to [0, 1] in forward, and minimise sum_t mean Shannon entropy of head_t's softmax on task
-t's unlabelled batch, with Adam (lr 1e-3). Run it as ``Trainer(max_steps=500).fit(module, dm)``
-where ``dm.train_dataloader()`` is a CombinedLoader ``{task: images}``.
+clamped to [0, 1] in forward, and minimise sum_t of task t's unsupervised adaptation objective on
+its unlabelled batch (:meth:`~tvq_lightning.tasks.TaskType.adaptation_objective`; classification:
+the mean Shannon entropy of head_t's softmax), with Adam (lr 1e-3). Run it as
+``Trainer(max_steps=500).fit(module, dm)`` where ``dm.train_dataloader()`` is a CombinedLoader
+``{task: (indices, images)}`` (or ``{task: images}``).
 
 Memory: the task vectors stay packed on the device (:class:`~..adapt.packed.PackedTaskVectors`,
 non-persistent buffers). With ``checkpoint_tasks=True`` (the default) every task's images go
@@ -47,12 +49,8 @@ from ..errors import FingerprintMismatch, TvqError
 from ..merging.methods.ties import TiesConfig
 from ..models.multitask import MultiTaskModel
 from ..store.reader import TaskVectorStore
-from ._multitask_eval import (
-    MultiTaskEvalMixin,
-    prepare_encoder,
-    resolve_heads,
-    softmax_entropy,
-)
+from ..tasks import resolve_task_types
+from ._multitask_eval import MultiTaskEvalMixin, prepare_encoder, resolve_heads, split_outputs
 
 COEFF_FORMAT = "tvq_lightning.adamerging_coefficients"
 GRANULARITIES = ("task", "layer")
@@ -117,21 +115,24 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         checkpoint_tasks: merge block by block inside one forward over every task's images and
             recompute each block in backward (one more forward and one more decode per step):
             no full set of merged weights, weight gradients or activations is ever held.
+        task_types: the task type of every task (a registered name, e.g. ``classification``), or
+            ``{task: name}`` (tasks left out are classification).
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
                  heads: dict[str, nn.Module] | None = None, heads_dir: str | None = None, pretrained: str | None = None,
                  granularity: str = "task", plus: bool = False, ties_k: float = 0.2, init: float = 0.3,
                  lr: float = 1e-3, clamp: tuple[float, float] = (0.0, 1.0), coefficients_out: str | None = None,
-                 checkpoint_tasks: bool = True):
+                 checkpoint_tasks: bool = True, task_types: str | dict[str, str] = "classification"):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "heads"])
         if granularity not in GRANULARITIES:
             raise TvqError(f"granularity={granularity!r}: choose 'task' (one coefficient per task) or 'layer' (per key and task)")
         st = TaskVectorStore(store)
         self.tasks = list(tasks or st.tasks)
+        self.task_types = resolve_task_types(self.tasks, task_types)
         encoder, pre_sd = prepare_encoder(encoder, pretrained)
-        self.model = MultiTaskModel(encoder, resolve_heads(self.tasks, heads, heads_dir)).requires_grad_(False)
+        self.model = MultiTaskModel(encoder, resolve_heads(self.tasks, heads, heads_dir, self.task_types)).requires_grad_(False)
         self.packed = PackedTaskVectors(st, pre_sd, self.tasks, ties=TiesConfig(k=ties_k) if plus else None)
         shape = (len(self.tasks),) if granularity == "task" else (len(self.packed.keys), len(self.tasks))
         self.coefficients = nn.Parameter(torch.full(shape, float(init)))
@@ -150,12 +151,17 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         """The merged encoder weights for the current coefficients (one merge; see merge_fn)."""
         return merged_params(self.packed, base_tensors(self.model.encoder), self.lambdas())
 
-    def adaptation_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """sum_t mean entropy of head_t's softmax on task t's images, through ONE merge."""
-        feats = self.task_features([batch[t] for t in self.tasks])
+    def unlabelled_inputs(self, batch) -> list[Tensor]:
+        """Every task's inputs of a training batch ``{task: (indices, inputs) or inputs}``, in task order."""
+        return [self.task_types[t].unlabelled(batch[t])[1] for t in self.tasks]
+
+    def adaptation_loss(self, batch: dict) -> Tensor:
+        """sum_t of task t's adaptation objective (classification: mean entropy of head_t's softmax)
+        on its images, through ONE merge."""
+        feats = self.task_features(self.unlabelled_inputs(batch))
         loss = None
         for t, f in zip(self.tasks, feats):
-            h = softmax_entropy(self.model.heads[t](f)).mean()
+            h = self.task_types[t].adaptation_objective(self.model.heads[t](f))
             loss = h if loss is None else loss + h
         return loss
 
@@ -173,7 +179,7 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         streamed, batch = StreamedEncoder(encoder, self.packed, chunk=max(len(x) for x in images)), torch.cat(images)
         with saved_as_parts(batch, images):   # the patch embedding keeps the task batches, not their copy
             out = streamed(lam, batch)
-        return list(out.split([len(x) for x in images]))
+        return split_outputs(out, [len(x) for x in images])
 
     # -- Lightning ------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -190,7 +196,8 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
             raise TvqError(f"the training batch has no images for task {missing[0]!r}; fit on the datamodule's "
                            "CombinedLoader {task: images} (a datamodule without train_task)")
         loss = self.adaptation_loss(batch)
-        self.log("train/entropy", loss, prog_bar=True, batch_size=next(iter(batch.values())).shape[0])
+        n = len(self.task_types[self.tasks[0]].unlabelled(batch[self.tasks[0]])[1])
+        self.log("train/entropy", loss, prog_bar=True, batch_size=n)
         return loss
 
     def configure_optimizers(self):
@@ -217,6 +224,16 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        self._eval_params = None
+
+    def on_predict_epoch_start(self) -> None:
+        self._prepare_eval()
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict:
+        """``{"task": name, "preds": ...}`` of the adapted merge (one predict loader per task)."""
+        return self._predict_step(batch, dataloader_idx)
+
+    def on_predict_epoch_end(self) -> None:
         self._eval_params = None
 
     # -- coefficient files ----------------------------------------------------------------------

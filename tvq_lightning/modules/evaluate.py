@@ -13,9 +13,12 @@ Where the merged encoder comes from (exactly one):
   uses (packed task vectors, :func:`~..adapt.merge_fn.merged_params`), so the accuracy equals the
   trained run's exactly; nothing is trained.
 
-Metrics: one micro ``MulticlassAccuracy`` per task, all-reduced under DDP, logged as
-``test/acc/<task>`` and ``test/acc/avg``; ``self.results`` keeps them after the epoch. The
-caller's ``encoder`` is never modified: weights are loaded into a copy.
+Metrics: each task's task-type metrics (classification: one micro ``MulticlassAccuracy``), all-reduced
+under DDP, logged as ``test/<metric>/<task>`` and ``test/<metric>/avg`` (``test/acc/...``);
+``self.results`` keeps the main metric per task after the epoch. ``Trainer.predict`` returns, per
+batch of predict loader i (task i), ``{"task": name, "preds": ...}`` (the task type's
+prediction: labels for classification). The caller's ``encoder`` is never modified: weights are
+loaded into a copy.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from ..merging.registry import create_merger
 from ..models.multitask import MultiTaskModel
 from ..store.checkpoints import load_state_dict
 from ..store.reader import TaskVectorStore
+from ..tasks import resolve_task_types
 from ._multitask_eval import MultiTaskEvalMixin, prepare_encoder, resolve_heads
 from .adamerging import read_coefficients
 
@@ -56,12 +60,15 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         merged: a merged state dict file or a per-task artifact directory.
         coefficients: an AdaMerging coefficient file (needs ``store``).
         per_task: expect a per-task source (EMR / TALL); None: detect it.
+        task_types: the task type of every task (a registered name, e.g. ``classification``), or
+            ``{task: name}`` (tasks left out are classification).
     """
 
     def __init__(self, encoder: nn.Module, tasks: list[str] | None = None, heads: dict[str, nn.Module] | None = None,
                  heads_dir: str | None = None, store: str | None = None, pretrained: str | None = None,
                  method: str | None = None, method_options: dict | None = None, merged: str | None = None,
-                 coefficients: str | None = None, per_task: bool | None = None):
+                 coefficients: str | None = None, per_task: bool | None = None,
+                 task_types: str | dict[str, str] = "classification"):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "heads"])
         given = [n for n, v in (("method", method), ("merged", merged), ("coefficients", coefficients)) if v is not None]
@@ -71,7 +78,8 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         if (method is not None or coefficients is not None) and store is None:
             raise TvqError(f"{given[0]} needs store= (the task-vector store to merge)")
         self.tasks = list(tasks) if tasks is not None else self._default_tasks(store, merged, heads)
-        heads = resolve_heads(self.tasks, heads, heads_dir)
+        self.task_types = resolve_task_types(self.tasks, task_types)
+        heads = resolve_heads(self.tasks, heads, heads_dir, self.task_types)
         self._pretrained_arg = pretrained
         self._artifact: Path | None = None
         self._loaded_task: int | None = None
@@ -182,6 +190,13 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._epoch_start()
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict:
+        """``{"task": name, "preds": ...}`` of the merged model (one predict loader per task)."""
+        return self._predict_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

@@ -5,7 +5,9 @@ InfoNCE over a batch of image-caption pairs with a learnable temperature (clampe
 whose captions are identical masked out as negatives, AdamW with linear warm-up and cosine decay,
 and an exponential moving average of the weights. At the end of fitting the EMA weights are
 written with :func:`~tvq_lightning.models.tiny_clip.save_tiny_clip` to ``export_dir`` (with the
-recipe and the data generator's version in ``config.json``).
+recipe and the data generator's version in ``config.json``). ``Trainer.predict`` returns, per
+batch of image-caption pairs, the normalised embeddings of the (EMA) model:
+``{"image_embeds": (B, D), "text_embeds": (B, D)}``.
 """
 from __future__ import annotations
 
@@ -62,6 +64,12 @@ class ContrastivePretraining(pl.LightningModule):
             acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
         self.log_dict({"train/loss": loss, "train/i2t_acc": acc, "train/scale": scale}, prog_bar=True)
         return loss
+
+    def predict_step(self, batch, batch_idx) -> dict[str, Tensor]:
+        """The (EMA) model's normalised image and caption embeddings of a batch of pairs."""
+        images, tokens, _ = batch
+        img, txt, _ = (self.ema if self.ema is not None else self.model)(images, tokens)
+        return {"image_embeds": img, "text_embeds": txt}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():

@@ -1,32 +1,36 @@
-"""Model Tinting / Tinting++ (SyMerge) on packed task vectors (ALGORITHMS.md §5).
+"""Model Tinting / Tinting++ (SyMerge) on packed task vectors (docs/algorithms.md §5).
 
 Layer-wise AdaMerging coefficients (one lambda per store key and task, clamped to [0, 1]) plus ONE
 trainable task-specific layer per task, trained jointly with one Adam (lr 1e-2) on the unlabelled
 test images of every task:
 
-- ``tint="head"`` (default, as the released code): task t's classification head, initialised
-  from the given (zero-shot) head;
+- ``tint="head"`` (default, as the released code): task t's head (a classification head, or a
+  whole dense decoder), initialised from the given (zero-shot) head;
 - ``tint="block:<name>"``: the encoder submodule ``<name>`` (e.g. ``blocks.1``, ``ln_post``) gets
   a per-task additive correction (zero-initialised) on top of its merged weights; heads stay frozen.
 
-Loss (``crosspseudo``): cross-entropy of the merged+tinted logits of task t against the argmax
-pseudo-label y_e of task t's expert (theta_0 + tau_t from the store, dequantized, with task t's
-original head). Expert labels and confidences c_e are fixed per sample: they are computed ONCE,
-without gradients, at ``on_train_start`` (the first hook where the training loaders exist) and
-looked up by sample index (the module turns on the datamodule's ``train_indices``, so each task's
-batch is ``(indices, images)``). Tinting++ (``confidence_sampling=True``, the default) keeps a
-sample if y_e == y_m, or if y_e != y_m and c_e >= c_m (see :func:`~._experts.confidence_keep`);
-the CE is averaged over the kept samples, and the optimizer step is skipped when none is kept.
+Loss (``crosspseudo``): the task type's pseudo-target loss of the merged+tinted outputs of task t
+against the pseudo-target y_e of task t's expert (theta_0 + tau_t from the store, dequantized,
+with task t's original head); classification: cross-entropy against the expert's argmax label
+(:meth:`~tvq_lightning.tasks.TaskType.pseudo_targets`; dense types: maps). Expert targets and
+confidences c_e are fixed per sample: they are computed ONCE, without gradients, at
+``on_train_start`` (the first hook where the training loaders exist) and looked up by sample index
+(each task's training batch is ``(indices, images)``). Tinting++ (``confidence_sampling=True``,
+the default) keeps an element (a sample; a pixel for dense types) if y_e == y_m, or if y_e != y_m
+and c_e >= c_m (:meth:`~tvq_lightning.tasks.TaskType.keep`); the loss is averaged over the kept
+elements, and the optimizer step is skipped when none is kept.
 
 Steps (manual optimization): ``step_mode="task"`` (default, as the released code) takes one Adam
 step per task per training batch, tasks in a shuffled order, re-merging before each step;
 ``"joint"`` merges once and steps once on the sum of the tasks' losses. ``trainer.max_steps``
 counts optimizer steps. Under DDP the kept count is summed over ranks before deciding to skip, so
-every rank steps together; use ``strategy: ddp_find_unused_parameters_true`` with ``"task"``
-(only task t's layer gets a gradient in its step).
+every rank steps together. DDP all-reduces the coefficients' gradients (used by every step); the
+per-task layers are hidden from it (``_ddp_params_and_buffers_to_ignore``: with ``"task"`` only task
+t's layer gets a gradient in its step) and their gradients are averaged over the ranks here, so
+plain ``strategy: ddp`` works for both step modes.
 
 The merge, the packed task vectors and the test evaluation are :class:`~.adamerging.AdaMerging`'s
-(test: ``test/acc/<task>``, ``test/acc/avg``); ``heads_out`` saves the tinted heads as
+(test: ``test/acc/<task>``, ``test/acc/avg`` for classification); ``heads_out`` saves the tinted heads as
 ``<task>.safetensors`` when fitting ends (usable as ``heads_dir`` of MergedEvaluation together
 with ``coefficients_out``).
 """
@@ -37,15 +41,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..adapt.merge_fn import base_tensors
 from ..errors import TvqError
 from ..store.reader import TaskVectorStore
-from ._experts import (confidence_keep, expert_outputs, expert_params, indexed_datasets, release_indices,
-                       request_indices, split_batch)
+from ._experts import check_unlabelled_data, expert_outputs, expert_params, indexed_datasets, split_batch
 from .adamerging import AdaMerging
 
 
@@ -68,6 +70,7 @@ class Tinting(AdaMerging):
         expert_batch_size: batch size of the one-off expert pass.
         coefficients_out: save the learned coefficients here when fitting ends.
         heads_out: save the (tinted) heads here (``<task>.safetensors``) when fitting ends.
+        task_types: as :class:`~.adamerging.AdaMerging`.
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
@@ -75,9 +78,11 @@ class Tinting(AdaMerging):
                  tint: str = "head", confidence_sampling: bool = True, granularity: str = "layer", plus: bool = False,
                  ties_k: float = 0.2, init: float = 0.3, lr: float = 1e-2, clamp: tuple[float, float] = (0.0, 1.0),
                  step_mode: Literal["task", "joint"] = "task", seed: int = 0, expert_batch_size: int = 128,
-                 coefficients_out: str | None = None, heads_out: str | None = None):
+                 coefficients_out: str | None = None, heads_out: str | None = None,
+                 task_types: str | dict[str, str] = "classification"):
         super().__init__(encoder, store, tasks, heads, heads_dir, pretrained, granularity=granularity, plus=plus,
-                         ties_k=ties_k, init=init, lr=lr, clamp=clamp, coefficients_out=coefficients_out)
+                         ties_k=ties_k, init=init, lr=lr, clamp=clamp, coefficients_out=coefficients_out,
+                         task_types=task_types)
         if step_mode not in ("task", "joint"):
             raise TvqError(f"step_mode={step_mode!r}: choose 'task' (one step per task) or 'joint' (one step per batch)")
         self.automatic_optimization = False
@@ -93,7 +98,11 @@ class Tinting(AdaMerging):
             self._init_block(tint[6:])
         else:
             raise TvqError(f"tint={tint!r}: choose 'head' or 'block:<encoder submodule>' (e.g. 'block:blocks.1')")
-        self.expert_labels: dict[str, Tensor] = {}
+        # DDP syncs the coefficients; the per-task layers (unused in other tasks' steps) are synced in _step
+        tinted = {id(p) for p in self.tint_parameters()}
+        self._ddp_params_and_buffers_to_ignore = [*self._ddp_params_and_buffers_to_ignore,
+                                                  *(n for n, p in self.named_parameters() if id(p) in tinted)]
+        self.expert_targets: dict[str, Tensor] = {}   # per sample: labels (maps for dense types)
         self.expert_conf: dict[str, Tensor] = {}
         self.expert_passes = 0   # how many times the expert targets were computed (once per fit)
         self._order = torch.Generator().manual_seed(int(seed))
@@ -129,7 +138,7 @@ class Tinting(AdaMerging):
             out[k] = params.get(k, base[k]) + self.deltas[i][_safe(k)]
         return out
 
-    def tinted_logits(self, images: Tensor, i: int, params: dict[str, Tensor]) -> Tensor:
+    def tinted_outputs(self, images: Tensor, i: int, params: dict[str, Tensor]) -> Tensor:
         feats = functional_call(self.model.encoder, self.tinted_params(params, i), (images,))
         return self.model.heads[self.tasks[i]](feats)
 
@@ -142,50 +151,48 @@ class Tinting(AdaMerging):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":
-            request_indices(self.trainer, "Tinting")
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            release_indices(self._trainer)
+            check_unlabelled_data(self.trainer, "Tinting")
 
     def on_train_start(self) -> None:
-        if not self.expert_labels:
+        if not self.expert_targets:
             self.compute_expert_targets()
 
     @torch.no_grad()
     def compute_expert_targets(self) -> None:
-        """Expert pseudo-labels and confidences for every training sample of every task (no grad)."""
+        """Expert pseudo-targets and confidences for every training sample of every task (no grad)."""
         datasets = indexed_datasets(self.trainer, self.tasks)
         pre = {k: v.detach() for k, v in base_tensors(self.model.encoder).items()}
         with TaskVectorStore(self.hparams.store) as store:
             for t in self.tasks:
                 params = expert_params(store, pre, t, self.device)
-                logits = expert_outputs(self.model.encoder, params, datasets[t], self.expert_heads[t], self.device,
-                                        self.hparams.expert_batch_size)
-                self.expert_conf[t], self.expert_labels[t] = logits.softmax(-1).max(-1)
+                head, tt = self.expert_heads[t], self.task_types[t]
+                self.expert_targets[t], self.expert_conf[t] = expert_outputs(
+                    self.model.encoder, params, datasets[t], lambda z, head=head, tt=tt: tt.pseudo_targets(head(z)),
+                    self.device, self.hparams.expert_batch_size)
                 del params
         self.expert_passes += 1
 
     # -- training ---------------------------------------------------------------------------------------
     def task_loss(self, batch, i: int, params: dict[str, Tensor]) -> tuple[Tensor, int, int]:
-        """``(loss, kept, seen)``: CE against the expert labels, averaged over the kept samples
-        (``loss`` is a zero that still reaches every parameter when nothing is kept here)."""
-        idx, images = split_batch(batch, self.tasks[i], "Tinting")
-        return self.pseudo_label_loss(i, idx, self.tinted_logits(images, i, params))
-
-    def pseudo_label_loss(self, i: int, idx: Tensor, logits: Tensor) -> tuple[Tensor, int, int]:
-        """:meth:`task_loss` of task ``i``'s samples ``idx`` given their tinted ``logits``."""
+        """``(loss, kept, seen)``: the pseudo-target loss against the expert's targets, averaged over
+        the kept elements (``loss`` is a zero that still reaches every parameter when nothing is
+        kept here); ``kept`` / ``seen`` count elements (samples; pixels for dense types)."""
         t = self.tasks[i]
-        idx = idx.to(self.expert_labels[t].device)
-        y_e, c_e = self.expert_labels[t][idx], self.expert_conf[t][idx]
+        idx, images = split_batch(batch, t, "Tinting", self.task_types[t])
+        return self.pseudo_target_loss(i, idx, self.tinted_outputs(images, i, params))
+
+    def pseudo_target_loss(self, i: int, idx: Tensor, outputs: Tensor) -> tuple[Tensor, int, int]:
+        """:meth:`task_loss` of task ``i``'s samples ``idx`` given their tinted ``outputs``."""
+        t, tt = self.tasks[i], self.task_types[self.tasks[i]]
+        idx = idx.to(self.expert_targets[t].device)
+        y_e, c_e = self.expert_targets[t][idx], self.expert_conf[t][idx]
         if self.hparams.confidence_sampling:
-            c_m, y_m = logits.detach().softmax(-1).max(-1)
-            keep = confidence_keep(c_e, y_e, c_m, y_m)
+            keep = tt.keep(y_e, c_e, outputs)
         else:
-            keep = torch.ones_like(y_e, dtype=torch.bool)
+            keep = torch.ones_like(c_e, dtype=torch.bool)
         kept = int(keep.sum())
-        loss = F.cross_entropy(logits[keep], y_e[keep]) if kept else logits.sum() * 0.0
-        return loss, kept, int(y_e.numel())
+        loss = tt.pseudo_target_loss(outputs, y_e, keep) if kept else outputs.sum() * 0.0
+        return loss, kept, int(keep.numel())
 
     def _any_kept(self, kept: int) -> bool:
         total = self.trainer.strategy.reduce(torch.tensor(float(kept), device=self.device), reduce_op="sum")
@@ -195,11 +202,24 @@ class Tinting(AdaMerging):
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
+        self._sync_tint_grads()
         opt.step()
+
+    def _sync_tint_grads(self) -> None:
+        """Average the per-task layers' gradients over the ranks (one all-reduce; DDP ignores them).
+        Every rank steps the same task, so the same gradients are set (the others are None)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        grads = [p.grad for p in self.tint_parameters() if p.grad is not None]
+        if grads:
+            flat = self.trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
+            for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
 
     def training_step(self, batch, batch_idx):
         order = torch.randperm(len(self.tasks), generator=self._order).tolist()
         losses, kept_all, seen_all, skipped = [], 0, 0, 0
+        n = sum(len(split_batch(batch, t, "Tinting", self.task_types[t])[0]) for t in self.tasks) // len(self.tasks)
         if self.hparams.step_mode == "joint":
             parts = self._joint_losses(batch, order)
             total = sum(p[0] for p in parts)
@@ -219,7 +239,6 @@ class Tinting(AdaMerging):
                         losses.append(float(loss.detach()))
                 else:
                     skipped += 1
-        n = seen_all // max(1, len(self.tasks))
         if losses:
             self.log("train/ce", sum(losses) / len(losses), prog_bar=True, batch_size=n)
         self.log("train/kept", kept_all / max(1, seen_all), prog_bar=True, batch_size=n)
@@ -232,9 +251,9 @@ class Tinting(AdaMerging):
         if self.block:
             params = self.merged_params()
             return [self.task_loss(batch, i, params) for i in order]
-        parts = [split_batch(batch, t, "Tinting") for t in self.tasks]
+        parts = [split_batch(batch, t, "Tinting", self.task_types[t]) for t in self.tasks]
         feats = self.task_features([images for _, images in parts])
-        return [self.pseudo_label_loss(i, parts[i][0], self.model.heads[self.tasks[i]](feats[i])) for i in order]
+        return [self.pseudo_target_loss(i, parts[i][0], self.model.heads[self.tasks[i]](feats[i])) for i in order]
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.coefficients, *self.tint_parameters()], lr=self.hparams.lr)
@@ -249,8 +268,5 @@ class Tinting(AdaMerging):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for t in self.tasks:
-            head = self.model.heads[t]
-            if not hasattr(head, "save"):
-                raise TvqError(f"the head of task {t!r} ({type(head).__name__}) cannot be saved; use ClassificationHead")
-            head.save(out / f"{t}.safetensors")
+            self.task_types[t].save_head(self.model.heads[t], out / f"{t}.safetensors")
         return out

@@ -6,7 +6,10 @@
   outputs stand in for the images: the protocol of fine-tuning only the top of an encoder.
 - :class:`CaptionPairs`: generated image-caption pairs for contrastive pre-training; batches are
   ``(images uint8, tokens, caption_ids)`` (equal captions share an id, so the loss can mask them
-  as negatives).
+  as negatives); ``predict_dataloader`` serves the same pairs in order, every one of them.
+
+Like every :class:`~tvq_lightning.data.MultiTaskDataModule`, :class:`EmbeddedTasks` always gives
+unlabelled adaptation batches as ``{task: (indices, inputs)}``; no module changes its settings.
 """
 from __future__ import annotations
 
@@ -97,3 +100,6 @@ class CaptionPairs(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self._train, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
