@@ -86,8 +86,8 @@ def resolve_task_types(tasks: Sequence[str], task_types: Any = "classification")
     return {t: shared for t in tasks}
 
 
-_BUILTIN = ("classification",)
+_BUILTIN = ("classification", "segmentation", "depth", "normal")
 
 
 def _load_builtin() -> None:
-    from . import classification  # noqa: F401  (registers "classification")
+    from . import classification, depth, normal, segmentation  # noqa: F401  (they register themselves)

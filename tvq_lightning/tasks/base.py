@@ -12,7 +12,11 @@ and the demo never look inside a head's output: they go through the task type of
   adaptation batches are ``(indices, inputs)`` (the indices key per-sample caches);
 - **its objectives**: the supervised :meth:`~TaskType.loss` (per-pixel losses mask invalid
   pixels themselves), the unsupervised :meth:`~TaskType.adaptation_objective` (AdaMerging,
-  docs/algorithms.md §5) and :meth:`~TaskType.pseudo_target_loss` (Tinting);
+  docs/algorithms.md §5) and :meth:`~TaskType.pseudo_target_loss` (Tinting); a type without an
+  unsupervised objective of its own (depth, normals: no entropy) sets
+  :attr:`~TaskType.adapts_to_expert`, and AdaMerging then minimises
+  :meth:`~TaskType.expert_objective` against the task expert's pseudo-targets, cached once per
+  sample as Tinting's are;
 - **its metrics** (:meth:`~TaskType.metrics`: torchmetrics objects, all-reduced under DDP) with
   :attr:`~TaskType.metric_infos` (names as logged, ``{stage}/{name}/{task}``; the first is the
   *main* metric, with its direction);
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -135,6 +140,17 @@ class TaskType(ABC):
     @abstractmethod
     def adaptation_objective(self, outputs: Tensor) -> Tensor:
         """The unsupervised objective AdaMerging minimises (a scalar; docs/algorithms.md §5)."""
+
+    #: AdaMerging minimises :meth:`expert_objective` against the task expert's pseudo-targets
+    #: (:meth:`pseudo_targets`, computed once per sample when fitting starts) instead of
+    #: :meth:`adaptation_objective` (for outputs without an entropy: depth, normals).
+    adapts_to_expert: ClassVar[bool] = False
+
+    def expert_objective(self, outputs: Tensor, target: Tensor, target_conf: Tensor) -> Tensor:
+        """AdaMerging's objective for types with :attr:`adapts_to_expert`: ``outputs`` against the
+        expert's cached ``(target, target_conf)``; by default :meth:`pseudo_target_loss` over every
+        element."""
+        return self.pseudo_target_loss(outputs, target, torch.ones_like(target_conf, dtype=torch.bool))
 
     def batch_metrics(self, outputs: Tensor, targets: Any) -> dict[str, Tensor]:
         """Per-batch values logged while fine-tuning (``train/<name>``), named as :attr:`metric_infos`."""
