@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 NAMES = ["finetune_tiny", "evaluate_tiny", "adamerging_task", "adamerging_layer", "tinting_tiny", "surgery_tiny",
          "pretrain_tiny_clip"]
+# the NYUv2 recipes (GPU-sized; run shrunk on a stand-in dataset in tests/cli/test_nyuv2_configs.py)
+DENSE_NAMES = ["nyuv2_finetune", "nyuv2_evaluate", "nyuv2_adamerging"]
 # (config, extra args) in the order configs/README.md gives; max_steps kept small
 PIPELINE = [
     ("finetune_tiny", ["--trainer.max_steps", "20"]),
@@ -58,8 +60,8 @@ def pipeline(workdir):
 
 
 def test_config_files_name_their_command():
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(NAMES)
-    for name in NAMES:
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(NAMES + DENSE_NAMES)
+    for name in NAMES + DENSE_NAMES:
         first = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0]
         assert first.startswith(f"# tvq {command(name)} -c configs/{name}.yaml"), first
         assert command(name) in ("fit", "test")
@@ -100,7 +102,7 @@ def test_every_config_runs_in_order(pipeline, workdir):
         assert (log_dir / "config.yaml").is_file()            # LightningCLI saved the resolved config
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + DENSE_NAMES)
 def test_print_config_round_trips(name, workdir, tvq):
     first = tvq(command(name), "-c", CONFIGS / f"{name}.yaml", "--print_config")
     assert first.rc == 0, first.err
@@ -112,6 +114,10 @@ def test_print_config_round_trips(name, workdir, tvq):
     cfg = yaml.safe_load(first.out)
     if name == "pretrain_tiny_clip":                          # image-caption pairs: no task list
         assert cfg["data"]["class_path"].endswith("CaptionPairs")
+        return
+    if name in DENSE_NAMES:
+        assert cfg["data"]["class_path"].endswith("NYUv2")
+        assert cfg["data"]["init_args"]["tasks"] == ["segmentation", "depth", "normal"]
         return
     assert cfg["data"]["init_args"]["tasks"] == ["a", "b"]
     assert "tasks" not in cfg["model"]["init_args"]            # a link target: given once, on the data

@@ -52,10 +52,6 @@ def runs(tmp_path_factory):
     return work, out
 
 
-def test_every_config_is_covered():
-    assert sorted({c for _, c, _ in RECIPES}) == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-
-
 @pytest.mark.parametrize("name", [r[0] for r in RECIPES])
 def test_recipe_exits_0_under_ddp(runs, name):
     _, out = runs
@@ -74,3 +70,46 @@ def test_reports_written_once_by_rank_zero(runs):
         report = json.loads(reports[0].read_text())
         assert report["tasks"] == ["a", "b"] and set(report["values"]["acc"]) == {"a", "b", "avg"}
     assert (work / "runs" / "pretrain" / "tiny_clip" / "config.json").is_file()
+
+
+# the NYUv2 recipes on a tiny stand-in dataset in the real layout, with a tiny smp encoder
+DENSE_TINY = ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
+              "--model.encoder.init_args.name", "tu-resnet10t", "--model.encoder.init_args.output_stride", "32"]
+DENSE_HEAD = ["--model.head.init_args.encoder_channels", "[3, 64, 64, 128, 256, 512]",
+              "--model.head.init_args.decoder_channels", "8", "--model.encoder.init_args.weights", "null",
+              "--model.warmup_steps", "0", "--data.batch_size", "2", *STEPS]
+DENSE_RECIPES = [
+    *((f"nyuv2_finetune_{task}", "nyuv2_finetune",
+       [*DENSE_HEAD, "--model.task", task, "--model.task_type", task, "--data.train_task", task,
+        "--model.head.init_args.out_channels", str(out)]) for task, out in (("segmentation", 13), ("depth", 1), ("normal", 3))),
+    ("nyuv2_evaluate", "nyuv2_evaluate", ["--data.batch_size", "2"]),
+    ("nyuv2_adamerging", "nyuv2_adamerging", ["--data.batch_size", "2", *STEPS]),
+]
+
+
+@pytest.fixture(scope="module")
+def dense_runs(tmp_path_factory):
+    pytest.importorskip("segmentation_models_pytorch")
+    from tvq_lightning.data.nyuv2 import write_standin
+
+    work = tmp_path_factory.mktemp("recipes-ddp-dense")
+    write_standin(work / "data" / "nyuv2", train=4, val=4, size=(32, 32))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    out = {}
+    for name, config, extra in DENSE_RECIPES:
+        cmd = [str(TVQ), _command(config), "-c", str(CONFIGS / f"{config}.yaml"), *DDP, *DENSE_TINY, *extra]
+        out[name] = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    return work, out
+
+
+def test_every_config_is_covered():
+    covered = {c for _, c, _ in RECIPES} | {c for _, c, _ in DENSE_RECIPES}
+    assert sorted(covered) == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", [r[0] for r in DENSE_RECIPES])
+def test_dense_recipe_exits_0_under_ddp(dense_runs, name):
+    _, out = dense_runs
+    proc = out[name]
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-4000:]}"

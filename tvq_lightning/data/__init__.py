@@ -1,4 +1,4 @@
-"""Data modules: multi-task classification suites."""
+"""Data modules: multi-task classification suites, NYUv2 (dense)."""
 from .multitask import (
     ImagesOnly,
     IndexedImages,
@@ -6,5 +6,6 @@ from .multitask import (
     TensorTasks,
     ToyTasks,
 )
+from .nyuv2 import NYUv2
 
-__all__ = ["ImagesOnly", "IndexedImages", "MultiTaskDataModule", "TensorTasks", "ToyTasks"]
+__all__ = ["ImagesOnly", "IndexedImages", "MultiTaskDataModule", "NYUv2", "TensorTasks", "ToyTasks"]

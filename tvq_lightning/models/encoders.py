@@ -11,6 +11,9 @@ Kinds (``list_encoders()``):
   extractor (no classifier).
 - ``module``: any ``nn.Module``: an instance, or an importable ``class_path`` plus its kwargs.
 - ``tiny``: :class:`tvq_lightning.models.TinyEncoder` (tests and tiny configs).
+- ``smp``: :class:`tvq_lightning.models.dense.DenseEncoder`, a segmentation_models_pytorch encoder
+  (``name="resnet50"``, ``"tu-resnet10t"``, ...) returning multi-scale features for dense heads;
+  ``weights=None`` (random), an smp tag (``"imagenet"``) or a local state-dict file.
 
 Each kind is also a plain function with typed arguments and an ``nn.Module`` return annotation,
 so a LightningCLI config can name it directly::
@@ -157,3 +160,16 @@ def tiny_encoder(width: int = 64, depth: int = 2, heads: int = 4, patch: int = 8
 
     kw = dict(width=width, depth=depth, heads=heads, patch=patch, image=image, out_dim=out_dim)
     return TinyEncoder(**kw) if seed is None else tiny_pretrained(seed, **kw)
+
+
+@register_encoder("smp")
+def smp_encoder(name: str = "resnet50", weights: str | bool | None = None, output_stride: int = 32,
+                depth: int = 5, in_channels: int = 3) -> nn.Module:
+    """:class:`~tvq_lightning.models.dense.DenseEncoder` (multi-scale features for dense heads).
+
+    ``weights``: None (random, nothing downloaded), an smp weight tag (``"imagenet"``) read through
+    the Hugging Face cache, or a local state-dict file with the encoder's keys.
+    """
+    from .dense import DenseEncoder
+
+    return DenseEncoder(name=name, weights=weights, output_stride=output_stride, depth=depth, in_channels=in_channels)

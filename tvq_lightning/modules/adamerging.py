@@ -7,6 +7,10 @@ its unlabelled batch (:meth:`~tvq_lightning.tasks.TaskType.adaptation_objective`
 the mean Shannon entropy of head_t's softmax), with Adam (lr 1e-3). Run it as
 ``Trainer(max_steps=500).fit(module, dm)`` where ``dm.train_dataloader()`` is a CombinedLoader
 ``{task: (indices, images)}`` (or ``{task: images}``).
+Types without an entropy (depth, normals: ``adapts_to_expert``) minimise instead their
+:meth:`~tvq_lightning.tasks.TaskType.expert_objective` against the task expert's predictions
+(theta_0 + tau_t with the task's head), computed once per sample at ``on_train_start``
+(:meth:`AdaMerging.compute_expert_targets`, as Tinting's) and looked up by the batch's indices.
 
 Memory: the task vectors stay packed on the device (:class:`~..adapt.packed.PackedTaskVectors`,
 non-persistent buffers). With ``checkpoint_tasks=True`` (the default) every task's images go
@@ -24,6 +28,12 @@ more fp32 copies of the model (the merged weights and their gradients) and all a
 Either way the merge decodes in forward and again in backward and is shared by every task of the
 step. The encoder and heads are frozen and in eval mode.
 
+BatchNorm statistics (``bn_stats``, :mod:`~..merging.bn_stats`, docs/algorithms.md §6): ``"merged"``
+(default) weights the statistics keys by the coefficients like any key; under ``"pretrained"``,
+``"mean"`` and ``"recompute"`` they are not coefficient-weighted: the encoder holds θ0's or the
+experts' mean statistics ("recompute": the mean while adapting, then re-estimated with the learned
+merge on ``bn_batches`` batches of every task's training images at the start of test / predict).
+
 DDP: the coefficients are this module's only trainable ``nn.Parameter``, all used every step, so
 DDP all-reduces their gradients without ``find_unused_parameters`` and every rank keeps identical
 coefficients; the packed buffers are listed in ``_ddp_params_and_buffers_to_ignore``, so DDP does
@@ -31,6 +41,7 @@ not re-broadcast them at every forward.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +57,12 @@ from ..adapt.merge_fn import base_tensors, merged_params
 from ..adapt.packed import PackedTaskVectors
 from ..adapt.streamed import StreamedEncoder, saved_as_parts
 from ..errors import FingerprintMismatch, TvqError
+from ..merging.bn_stats import apply_bn_policy, check_bn_policy, recompute_from_datamodule
 from ..merging.methods.ties import TiesConfig
 from ..models.multitask import MultiTaskModel
 from ..store.reader import TaskVectorStore
 from ..tasks import resolve_task_types
+from ._experts import check_unlabelled_data, expert_outputs, expert_params, indexed_datasets, split_batch
 from ._multitask_eval import MultiTaskEvalMixin, prepare_encoder, resolve_heads, split_outputs
 
 COEFF_FORMAT = "tvq_lightning.adamerging_coefficients"
@@ -117,13 +130,16 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
             no full set of merged weights, weight gradients or activations is ever held.
         task_types: the task type of every task (a registered name, e.g. ``classification``), or
             ``{task: name}`` (tasks left out are classification).
+        bn_stats: the BatchNorm statistics policy (merged / pretrained / mean / recompute).
+        bn_batches: "recompute": batches of training images per task.
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
                  heads: dict[str, nn.Module] | None = None, heads_dir: str | None = None, pretrained: str | None = None,
                  granularity: str = "task", plus: bool = False, ties_k: float = 0.2, init: float = 0.3,
                  lr: float = 1e-3, clamp: tuple[float, float] = (0.0, 1.0), coefficients_out: str | None = None,
-                 checkpoint_tasks: bool = True, task_types: str | dict[str, str] = "classification"):
+                 checkpoint_tasks: bool = True, task_types: str | dict[str, str] = "classification",
+                 bn_stats: str = "merged", bn_batches: int = 20):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "heads"])
         if granularity not in GRANULARITIES:
@@ -131,21 +147,34 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         st = TaskVectorStore(store)
         self.tasks = list(tasks or st.tasks)
         self.task_types = resolve_task_types(self.tasks, task_types)
+        given = encoder
         encoder, pre_sd = prepare_encoder(encoder, pretrained)
+        if check_bn_policy(bn_stats) != "merged" and encoder is given:   # its buffers change: a copy
+            encoder = copy.deepcopy(encoder)
         self.model = MultiTaskModel(encoder, resolve_heads(self.tasks, heads, heads_dir, self.task_types)).requires_grad_(False)
         self.packed = PackedTaskVectors(st, pre_sd, self.tasks, ties=TiesConfig(k=ties_k) if plus else None)
+        self._bn_theta0 = apply_bn_policy(encoder, bn_stats, pre_sd, st, self.tasks, packed=self.packed)
         shape = (len(self.tasks),) if granularity == "task" else (len(self.packed.keys), len(self.tasks))
         self.coefficients = nn.Parameter(torch.full(shape, float(init)))
         # DDP: the packed codes are identical on every rank; never re-broadcast them.
         self._ddp_params_and_buffers_to_ignore = self.packed.buffer_names("packed.")
         self._eval_params: dict[str, Tensor] | None = None
         self._init_eval()
+        # expert pseudo-targets per sample (types that adapt to the expert; Tinting: every task)
+        self.expert_targets: dict[str, Tensor] = {}
+        self.expert_conf: dict[str, Tensor] = {}
+        self.expert_passes = 0   # how many times the expert targets were computed (once per fit)
 
     # -- the merge ------------------------------------------------------------------------------
     def lambdas(self) -> Tensor:
         """The coefficients as used: clamped to ``clamp`` (differentiable)."""
         lo, hi = self.hparams.clamp
         return self.coefficients.clamp(lo, hi)
+
+    def pretrained_tensors(self) -> dict[str, Tensor]:
+        """θ0 by name: the encoder's tensors with θ0's BatchNorm statistics (what experts build on)."""
+        base = base_tensors(self.model.encoder)
+        return {**base, **{k: v.to(base[k].device) for k, v in self._bn_theta0.items() if k in base}}
 
     def merged_params(self) -> dict[str, Tensor]:
         """The merged encoder weights for the current coefficients (one merge; see merge_fn)."""
@@ -161,9 +190,28 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         feats = self.task_features(self.unlabelled_inputs(batch))
         loss = None
         for t, f in zip(self.tasks, feats):
-            h = self.task_types[t].adaptation_objective(self.model.heads[t](f))
+            h = self.task_objective(t, batch[t], self.model.heads[t](f))
             loss = h if loss is None else loss + h
         return loss
+
+    @property
+    def expert_tasks(self) -> list[str]:
+        """The tasks whose type adapts to its expert's cached pseudo-targets (depth, normals)."""
+        return [t for t in self.tasks if self.task_types[t].adapts_to_expert]
+
+    def task_objective(self, task: str, item, outputs: Tensor) -> Tensor:
+        """Task ``task``'s adaptation objective on ``outputs`` of its training batch ``item``: the
+        type's own, or (``adapts_to_expert``) its expert objective against the cached pseudo-targets
+        of the batch's samples (:meth:`compute_expert_targets`)."""
+        tt = self.task_types[task]
+        if not tt.adapts_to_expert:
+            return tt.adaptation_objective(outputs)
+        if task not in self.expert_targets:
+            raise TvqError(f"task {task!r} ({tt.name}) adapts to its expert's pseudo-targets, computed when fitting "
+                           "starts; call compute_expert_targets() first")
+        idx, _ = split_batch({task: item}, task, type(self).__name__, tt)
+        idx = idx.to(self.expert_targets[task].device)
+        return tt.expert_objective(outputs, self.expert_targets[task][idx], self.expert_conf[task][idx])
 
     def task_features(self, images: list[Tensor]) -> list[Tensor]:
         """The merged encoder's features of each task's images (in task order), for the current
@@ -189,6 +237,33 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_eval_data()
+        if stage == "fit" and self.expert_tasks:
+            check_unlabelled_data(self.trainer, type(self).__name__)
+
+    def on_train_start(self) -> None:
+        missing = [t for t in self.expert_tasks if t not in self.expert_targets]
+        if missing:
+            self.compute_expert_targets(missing)
+
+    @torch.no_grad()
+    def compute_expert_targets(self, tasks: list[str] | None = None) -> None:
+        """Expert pseudo-targets and confidences (:meth:`~tvq_lightning.tasks.TaskType.pseudo_targets`
+        of theta_0 + tau_t with the task's head) for every training sample of ``tasks`` (default:
+        all), without gradients."""
+        datasets = indexed_datasets(self.trainer, self.tasks)
+        pre = {k: v.detach() for k, v in self.pretrained_tensors().items()}   # θ0's BatchNorm statistics too
+        with TaskVectorStore(self.hparams.store) as store:
+            for t in self.tasks if tasks is None else tasks:
+                params = expert_params(store, pre, t, self.device)
+                self.expert_targets[t], self.expert_conf[t] = self._expert_pass(t, params, datasets[t])
+                del params
+        self.expert_passes += 1
+
+    def _expert_pass(self, task: str, params: dict[str, Tensor], dataset) -> tuple[Tensor, Tensor]:
+        """``(targets, confidences)`` of the expert ``params`` with the task's (frozen) head on ``dataset``."""
+        head, tt = self.model.heads[task], self.task_types[task]
+        return expert_outputs(self.model.encoder, params, dataset, lambda z: tt.pseudo_targets(head(z)), self.device,
+                              self.hparams.get("expert_batch_size", 128))
 
     def training_step(self, batch, batch_idx):
         missing = [t for t in self.tasks if t not in batch]
@@ -215,6 +290,10 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
     def _prepare_eval(self) -> None:
         with torch.no_grad():
             self._eval_params = {k: v.detach() for k, v in self.merged_params().items()}
+        dm = getattr(self._trainer, "datamodule", None)
+        if self.hparams.bn_stats == "recompute" and dm is not None:
+            recompute_from_datamodule(self.model.encoder, dm, self.tasks,
+                                      self.hparams.bn_batches, self._eval_params)
 
     def on_test_epoch_start(self) -> None:
         self._prepare_eval()

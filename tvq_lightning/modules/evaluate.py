@@ -13,6 +13,12 @@ Where the merged encoder comes from (exactly one):
   uses (packed task vectors, :func:`~..adapt.merge_fn.merged_params`), so the accuracy equals the
   trained run's exactly; nothing is trained.
 
+BatchNorm statistics (``bn_stats``; docs/algorithms.md §6, :mod:`~..merging.bn_stats`): ``"merged"``
+(the default: merged like any key), ``"pretrained"`` (θ0's), ``"mean"`` (θ0 + mean_t τ_t, the
+experts' mean: the recommended policy for dense encoders) or ``"recompute"`` (re-estimated with
+the merged weights on ``bn_batches`` batches of every task's training images at the start of
+each evaluation; not for per-task merges).
+
 Metrics: each task's task-type metrics (classification: one micro ``MulticlassAccuracy``), all-reduced
 under DDP, logged as ``test/<metric>/<task>`` and ``test/<metric>/avg`` (``test/acc/...``);
 ``self.results`` keeps the main metric per task after the epoch. ``Trainer.predict`` returns, per
@@ -36,6 +42,8 @@ from torch.func import functional_call
 from ..adapt.merge_fn import base_tensors, merged_params
 from ..adapt.packed import PackedTaskVectors
 from ..errors import TvqError
+from ..merging.bn_stats import (apply_bn_policy, bn_stat_keys, check_bn_policy, load_bn_statistics,
+                                recompute_from_datamodule, store_bn_statistics)
 from ..merging.engine import merge_state_dict, plan_merge
 from ..merging.methods.ties import TiesConfig
 from ..merging.output import is_artifact, read_artifact, task_model_tensors, write_per_task
@@ -62,15 +70,19 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         per_task: expect a per-task source (EMR / TALL); None: detect it.
         task_types: the task type of every task (a registered name, e.g. ``classification``), or
             ``{task: name}`` (tasks left out are classification).
+        bn_stats: the BatchNorm statistics policy (merged / pretrained / mean / recompute).
+        bn_batches: "recompute": batches of training images per task.
     """
 
     def __init__(self, encoder: nn.Module, tasks: list[str] | None = None, heads: dict[str, nn.Module] | None = None,
                  heads_dir: str | None = None, store: str | None = None, pretrained: str | None = None,
                  method: str | None = None, method_options: dict | None = None, merged: str | None = None,
                  coefficients: str | None = None, per_task: bool | None = None,
-                 task_types: str | dict[str, str] = "classification"):
+                 task_types: str | dict[str, str] = "classification", bn_stats: str = "merged", bn_batches: int = 20):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "heads"])
+        self._bn = check_bn_policy(bn_stats)
+        self._bn_fixed: dict[str, Tensor] | None = None   # per-task artifacts: the statistics of every task model
         given = [n for n, v in (("method", method), ("merged", merged), ("coefficients", coefficients)) if v is not None]
         if len(given) != 1:
             raise TvqError("pass exactly one of method (with store), merged (a file or artifact) or coefficients (with store); "
@@ -117,6 +129,7 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
             write_per_task(plan_merge(store, pre_sd, merger, tasks=self.tasks), tmp / "artifact")
             return self._from_merged(enc, tmp / "artifact", pre_sd)
         merged = merge_state_dict(store, pre_sd, merger, tasks=self.tasks)
+        merged.update(store_bn_statistics(self._bn, bn_stat_keys(enc), pre_sd, store, self.tasks) or {})
         return self._load_into(copy.deepcopy(enc) if enc is encoder else enc, merged)  # never the caller's encoder
 
     def _from_merged(self, encoder, merged, pre_sd=None) -> nn.Module:
@@ -128,10 +141,17 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
                 raise TvqError(f"merge artifact {path} has no task {missing[0]!r}; it has: {', '.join(meta['tasks'])}")
             self._artifact = path
             enc, self._pre_sd = prepare_encoder(encoder, pre_sd if pre_sd is not None else self._pretrained_arg)
+            if self._bn == "recompute":
+                raise TvqError("bn_stats='recompute' is not supported for per-task merges (EMR / TALL); use 'mean'")
+            self._bn_fixed = store_bn_statistics(self._bn, bn_stat_keys(enc), self._pre_sd, self.hparams.store, self.tasks)
             return copy.deepcopy(enc) if enc is encoder else enc   # task models are loaded into it
         if not path.is_file():
             raise TvqError(f"merged={path}: no such file (a merged .safetensors or a per-task artifact directory)")
-        return self._load_into(copy.deepcopy(encoder), load_state_dict(path))
+        enc = self._load_into(copy.deepcopy(encoder), load_state_dict(path))
+        if self._bn in ("pretrained", "mean"):
+            _, theta0 = prepare_encoder(encoder, self._pretrained_arg)
+            load_bn_statistics(enc, store_bn_statistics(self._bn, bn_stat_keys(enc), theta0, self.hparams.store, self.tasks))
+        return enc
 
     def _from_coefficients(self, encoder, store, pretrained, coefficients) -> nn.Module:
         c = read_coefficients(coefficients)
@@ -141,6 +161,9 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         self.packed = PackedTaskVectors(TaskVectorStore(store), pre_sd, c.tasks,
                                         ties=TiesConfig(k=c.ties_k) if c.plus else None)
         c.check(self.packed, coefficients)
+        if self._bn != "merged":      # the statistics keys leave the weighted merge (as in AdaMerging)
+            enc = copy.deepcopy(enc) if enc is encoder else enc
+            apply_bn_policy(enc, self._bn, pre_sd, store, c.tasks, packed=self.packed)
         self.register_buffer("coefficients", c.values.clone(), persistent=False)
         return enc
 
@@ -163,6 +186,8 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
             if self._loaded_task != task_index:
                 _, items = task_model_tensors(self._artifact, self.tasks[task_index], self._pre_sd)
                 enc.load_state_dict({k: v for k, v in items}, strict=True)
+                if self._bn_fixed:
+                    load_bn_statistics(enc, self._bn_fixed)
                 self._loaded_task = task_index
             return enc(images)
         if self.packed is not None:
@@ -175,6 +200,13 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
     def _epoch_start(self) -> None:
         self._eval_params = None
         self._loaded_task = None
+        if self._bn == "recompute":
+            enc = self.model.encoder
+            if self.packed is not None:
+                with torch.no_grad():
+                    self._eval_params = merged_params(self.packed, base_tensors(enc), self.coefficients)
+            recompute_from_datamodule(enc, self.trainer.datamodule, self.tasks, self.hparams.bn_batches,
+                                      self._eval_params)
 
     def on_test_epoch_start(self) -> None:
         self._epoch_start()

@@ -24,7 +24,9 @@ Steps (manual optimization): ``step_mode="task"`` (default, as the released code
 step per task per training batch, tasks in a shuffled order, re-merging before each step;
 ``"joint"`` merges once and steps once on the sum of the tasks' losses. ``trainer.max_steps``
 counts optimizer steps. Under DDP the kept count is summed over ranks before deciding to skip, so
-every rank steps together. DDP all-reduces the coefficients' gradients (used by every step); the
+every rank steps together, and each rank's loss is weighted by its share of the kept elements, so
+a step equals one process's on the global batch. A checkpoint keeps the task-order generator, so a
+resumed fit draws the same orders. DDP all-reduces the coefficients' gradients (used by every step); the
 per-task layers are hidden from it (``_ddp_params_and_buffers_to_ignore``: with ``"task"`` only task
 t's layer gets a gradient in its step) and their gradients are averaged over the ranks here, so
 plain ``strategy: ddp`` works for both step modes.
@@ -46,8 +48,7 @@ from torch.func import functional_call
 
 from ..adapt.merge_fn import base_tensors
 from ..errors import TvqError
-from ..store.reader import TaskVectorStore
-from ._experts import check_unlabelled_data, expert_outputs, expert_params, indexed_datasets, split_batch
+from ._experts import check_unlabelled_data, expert_outputs, split_batch
 from .adamerging import AdaMerging
 
 
@@ -70,7 +71,8 @@ class Tinting(AdaMerging):
         expert_batch_size: batch size of the one-off expert pass.
         coefficients_out: save the learned coefficients here when fitting ends.
         heads_out: save the (tinted) heads here (``<task>.safetensors``) when fitting ends.
-        task_types: as :class:`~.adamerging.AdaMerging`.
+        task_types, bn_stats, bn_batches: as :class:`~.adamerging.AdaMerging` (the experts keep their
+            own statistics, θ0 + τ_t).
     """
 
     def __init__(self, encoder: nn.Module, store: str, tasks: list[str] | None = None,
@@ -79,10 +81,10 @@ class Tinting(AdaMerging):
                  ties_k: float = 0.2, init: float = 0.3, lr: float = 1e-2, clamp: tuple[float, float] = (0.0, 1.0),
                  step_mode: Literal["task", "joint"] = "task", seed: int = 0, expert_batch_size: int = 128,
                  coefficients_out: str | None = None, heads_out: str | None = None,
-                 task_types: str | dict[str, str] = "classification"):
+                 task_types: str | dict[str, str] = "classification", bn_stats: str = "merged", bn_batches: int = 20):
         super().__init__(encoder, store, tasks, heads, heads_dir, pretrained, granularity=granularity, plus=plus,
                          ties_k=ties_k, init=init, lr=lr, clamp=clamp, coefficients_out=coefficients_out,
-                         task_types=task_types)
+                         task_types=task_types, bn_stats=bn_stats, bn_batches=bn_batches)
         if step_mode not in ("task", "joint"):
             raise TvqError(f"step_mode={step_mode!r}: choose 'task' (one step per task) or 'joint' (one step per batch)")
         self.automatic_optimization = False
@@ -157,20 +159,12 @@ class Tinting(AdaMerging):
         if not self.expert_targets:
             self.compute_expert_targets()
 
-    @torch.no_grad()
-    def compute_expert_targets(self) -> None:
-        """Expert pseudo-targets and confidences for every training sample of every task (no grad)."""
-        datasets = indexed_datasets(self.trainer, self.tasks)
-        pre = {k: v.detach() for k, v in base_tensors(self.model.encoder).items()}
-        with TaskVectorStore(self.hparams.store) as store:
-            for t in self.tasks:
-                params = expert_params(store, pre, t, self.device)
-                head, tt = self.expert_heads[t], self.task_types[t]
-                self.expert_targets[t], self.expert_conf[t] = expert_outputs(
-                    self.model.encoder, params, datasets[t], lambda z, head=head, tt=tt: tt.pseudo_targets(head(z)),
-                    self.device, self.hparams.expert_batch_size)
-                del params
-        self.expert_passes += 1
+    def _expert_pass(self, task: str, params: dict[str, Tensor], dataset) -> tuple[Tensor, Tensor]:
+        """With the frozen given head (the tinted copy trains); AdaMerging's ``compute_expert_targets``
+        fills the expert targets of every task."""
+        head, tt = self.expert_heads[task], self.task_types[task]
+        return expert_outputs(self.model.encoder, params, dataset, lambda z: tt.pseudo_targets(head(z)), self.device,
+                              self.hparams.expert_batch_size)
 
     # -- training ---------------------------------------------------------------------------------------
     def task_loss(self, batch, i: int, params: dict[str, Tensor]) -> tuple[Tensor, int, int]:
@@ -194,9 +188,16 @@ class Tinting(AdaMerging):
         loss = tt.pseudo_target_loss(outputs, y_e, keep) if kept else outputs.sum() * 0.0
         return loss, kept, int(keep.numel())
 
-    def _any_kept(self, kept: int) -> bool:
-        total = self.trainer.strategy.reduce(torch.tensor(float(kept), device=self.device), reduce_op="sum")
-        return float(total) > 0
+    def _kept_weights(self, kept: list[int]) -> list[float] | None:
+        """The weight of each loss on this rank (one all-reduce), or None when no rank kept an element
+        (the step is skipped). A loss is the mean over this rank's kept elements and DDP averages the
+        ranks' gradients: weighted by ``world_size * kept / (kept summed over the ranks)`` the step is
+        the mean over every rank's kept elements, as one process on the whole global batch (1.0 there)."""
+        total = self.trainer.strategy.reduce(torch.tensor([float(k) for k in kept], device=self.device),
+                                             reduce_op="sum").tolist()
+        if not any(t > 0 for t in total):
+            return None
+        return [self.trainer.world_size * k / t if t > 0 else 0.0 for k, t in zip(kept, total)]
 
     def _step(self, loss: Tensor) -> None:
         opt = self.optimizers()
@@ -222,19 +223,20 @@ class Tinting(AdaMerging):
         n = sum(len(split_batch(batch, t, "Tinting", self.task_types[t])[0]) for t in self.tasks) // len(self.tasks)
         if self.hparams.step_mode == "joint":
             parts = self._joint_losses(batch, order)
-            total = sum(p[0] for p in parts)
             kept_all, seen_all = sum(p[1] for p in parts), sum(p[2] for p in parts)
             losses = [float(p[0].detach()) for p in parts if p[1]]
-            if self._any_kept(kept_all):
-                self._step(total)
+            weights = self._kept_weights([p[1] for p in parts])
+            if weights is not None:
+                self._step(sum(p[0] * w for p, w in zip(parts, weights)))
             else:
                 skipped += 1
         else:
             for i in order:
                 loss, kept, seen = self.task_loss(batch, i, self.merged_params())   # one merge per step
                 kept_all, seen_all = kept_all + kept, seen_all + seen
-                if self._any_kept(kept):
-                    self._step(loss)
+                weights = self._kept_weights([kept])
+                if weights is not None:
+                    self._step(loss * weights[0])
                     if kept:
                         losses.append(float(loss.detach()))
                 else:
@@ -257,6 +259,13 @@ class Tinting(AdaMerging):
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.coefficients, *self.tint_parameters()], lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tinting_task_order"] = self._order.get_state()   # a resumed fit draws the same task orders
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "tinting_task_order" in checkpoint:
+            self._order.set_state(checkpoint["tinting_task_order"])
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
