@@ -46,3 +46,15 @@ class OutputExistsError(TvqError):
 
 class UsageError(TvqError):
     """A command line or config file the ``tvq`` commands cannot parse (unknown option, bad value)."""
+
+
+class IntegrityError(StoreError):
+    """Stored data does not match its recorded checksum (a flipped bit, a rewritten file)."""
+
+
+class OutputError(TvqError):
+    """An output cannot be written: disk full, permission denied, read-only file system, bad parent."""
+
+
+class OptionError(TvqError, ValueError):
+    """A merge option or task list out of range: non-finite, negative where it must not be, duplicated."""

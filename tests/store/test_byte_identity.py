@@ -6,11 +6,19 @@ The three no-error-correction RTVQ stores were re-recorded for one intended chan
 (task files' ``scheme`` metadata, hence ``nbytes`` in layout.json) became ``RTVQ-...-noEC``; their
 tensors and the rest of their layout were checked equal to the old code's.
 
+Layout version 2 (integrity data) changed layout.json on purpose and nothing else: the data files
+(task and base safetensors) must still hash to the recorded values, and layout.json must equal the
+recorded version-1 layout once the version-2 additions are taken out (:func:`_as_version_1`: the
+per-file ``crc32`` strings and ``layout_crc32`` removed, ``version`` set back to 1, written with
+the writer's JSON formatting). The recorded hashes were not regenerated for version 2; the
+checksums themselves are checked against the files by ``verify_store``.
+
 Regenerate (only for a deliberate format change): ``python tests/store/test_byte_identity.py``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +26,7 @@ import torch
 
 from tvq_lightning.demo.config import SCHEMES
 from tvq_lightning.store import StoreConfig, quantize_to_store
+from tvq_lightning.store.verify import verify_store
 
 
 def _weights() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -80,10 +89,20 @@ def _hashes(store: Path) -> dict[str, str]:
     """sha256 per file; in layout.json the store's own path (a recomputed task's source) is masked."""
     def data(p: Path) -> bytes:
         raw = p.read_bytes()
-        return raw.replace(str(store).encode(), b"<STORE>") if p.name == "layout.json" else raw
+        return _as_version_1(raw).replace(str(store).encode(), b"<STORE>") if p.name == "layout.json" else raw
 
     return {p.relative_to(store).as_posix(): hashlib.sha256(data(p)).hexdigest()
             for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def _as_version_1(raw: bytes) -> bytes:
+    """A version-2 layout.json as version 1 wrote it: the integrity fields removed, version 1."""
+    data = json.loads(raw)
+    assert data.pop("version") == 2 and isinstance(data.pop("layout_crc32"), int)
+    files = list(data["tasks"].values()) + ([data["base"]] if data["base"] else [])
+    for f in files:
+        assert isinstance(f.pop("crc32"), str)
+    return (json.dumps({"format": data.pop("format"), "version": 1, **data}, indent=1) + "\n").encode()
 
 
 EXPECTED: dict[str, dict[str, str]] = {
@@ -245,7 +264,10 @@ EXPECTED: dict[str, dict[str, str]] = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_store_bytes_unchanged(tmp_path, case):
-    assert _hashes(_build(case, tmp_path)) == EXPECTED[case]
+    store = _build(case, tmp_path)
+    assert _hashes(store) == EXPECTED[case]
+    report = verify_store(store)
+    assert report.ok and report.verified_tensors > 0, report.format()
 
 
 if __name__ == "__main__":  # print the constants (a deliberate format change only)

@@ -14,6 +14,7 @@ from tvq_lightning.errors import (
     FingerprintMismatch,
     IncompatibleWeights,
     NonFiniteError,
+    OutputError,
     OutputExistsError,
     QuantConfigError,
     StoreError,
@@ -310,12 +311,17 @@ def test_export_errors(tmp_path, files, snap):
     dest = tmp_path / "x.safetensors"
     _expect_error(tmp_path, snap, StoreError, "pretrained", lambda: export_task(out, "t0", dest))
     _expect_error(tmp_path, snap, StoreError, "'nope'", lambda: export_task(out, "nope", dest, pretrained=files.pre))
-    _expect_error(tmp_path, snap, StoreError, "missing_dir",
+    _expect_error(tmp_path, snap, OutputError, "missing_dir",
                   lambda: export_task(out, "t0", tmp_path / "missing_dir" / "x.safetensors", pretrained=files.pre))
     dest.write_text("keep me")
     _expect_error(tmp_path, snap, OutputExistsError, "x.safetensors",
                   lambda: export_task(out, "t0", dest, pretrained=files.pre))
-    export_task(out, "t0", dest, pretrained=files.pre, overwrite=True)
+    err = _expect_error(tmp_path, snap, OutputExistsError, "already exists and is not a safetensors file written by tvq",  # not ours
+                        lambda: export_task(out, "t0", dest, pretrained=files.pre, overwrite=True))
+    assert "--overwrite" not in str(err)
+    dest.unlink()
+    export_task(out, "t0", dest, pretrained=files.pre)
+    export_task(out, "t0", dest, pretrained=files.pre, overwrite=True)  # ours: replaced
     assert set(load_state_dict(dest)) == set(TaskVectorStore(out).keys)
 
 
@@ -396,7 +402,10 @@ def test_crash_while_writing_layout_when_adding(tmp_path, files, snap, monkeypat
 def test_layout_json_is_valid_and_versioned(tmp_path, weights):
     build(weights, tmp_path / "s", CONFIGS["rtvq_b3o2"]).close()
     data = json.loads((tmp_path / "s" / "layout.json").read_text())
-    assert data["format"] == "tvq_lightning.store" and data["version"] == 1
+    assert data["format"] == "tvq_lightning.store" and data["version"] == 2
+    crcs = [t["crc32"] for t in data["tasks"].values()] + [data["base"]["crc32"]]
+    assert all(re.fullmatch(r"[0-9a-f]{8}( [0-9a-f]{8})+", c) for c in crcs)  # header, then every tensor
+    assert isinstance(data["layout_crc32"], int)
     assert data["config"]["scheme"] == "rtvq" and data["config"]["error_correction"] is True
     assert list(data["tasks"]) == ["t0", "t1", "t2"]
     assert data["pretrained"]["fingerprint"] == TaskVectorStore(tmp_path / "s").fingerprint

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import StoreError, TvqError
+from ..errors import OptionError, StoreError, TvqError
 from ..store.reader import TaskVectorStore
 from ..store.sources import Source, WeightsLike, open_source
 from .base import KeyInput, Merger, PerTaskDelta
 from .blocks import detect_blocks
-from .registry import create_merger
+from .registry import check_config, create_merger
 
 
 @dataclass
@@ -62,17 +62,30 @@ class MergePlan:
 
 def plan_merge(store: str | Path | TaskVectorStore, pretrained: WeightsLike, method: str | Merger, *,
                tasks: Sequence[str] | None = None, device: str | torch.device = "cpu", prefix: str | None = None,
-               allow_pickle: bool = False, progress: bool = False, **options: Any) -> MergePlan:
-    """Open and check everything a merge needs; raises before any output is written."""
-    store = store if isinstance(store, TaskVectorStore) else TaskVectorStore(store)
-    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
-    store.check_pretrained(pre.sd, label=pre.label)
-    missing = [k for k in store.keys if k not in pre.sd]
-    if missing:
-        raise StoreError(f"{pre.label} lacks key {missing[0]!r} of store {store.path}; pass the same --prefix as for `tvq quantize`")
+               allow_pickle: bool = False, progress: bool = False, verify: bool = True, **options: Any) -> MergePlan:
+    """Open and check everything a merge needs; raises before any output is written.
+
+    theta_0 must be the store's (fingerprint), and the layout's keys, shapes and dtypes theta_0's
+    (checked before anything is allocated). ``verify=False`` skips the checksums of the stored
+    tensors (a trusted store; see :class:`~tvq_lightning.store.TaskVectorStore`).
+    """
     merger = method if isinstance(method, Merger) else create_merger(method, **options)
     if options and isinstance(method, Merger):
         raise TvqError("pass options either to create_merger or here, not both")
+    check_config(merger.name, merger.config)
+    if isinstance(tasks, str):
+        raise OptionError(f"tasks={tasks!r} is a string: pass a list of task names (e.g. tasks=[{tasks!r}])")
+    if tasks is not None:
+        tasks = list(tasks)
+        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+        if dup is not None:
+            raise OptionError(f"task {dup!r} is given twice in --tasks; name each task once")
+    store = store if isinstance(store, TaskVectorStore) else TaskVectorStore(store, verify=verify)
+    if not verify:
+        store.verify = False
+    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
+    store.check_pretrained(pre.sd, label=pre.label)
+    store.check_layout(pre)
     tasks = list(store.tasks if tasks is None else tasks)
     unknown = [t for t in tasks if t not in store.layout.tasks]
     if unknown:

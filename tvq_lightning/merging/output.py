@@ -23,7 +23,9 @@ from ..errors import StoreError, TvqError
 from ..quant.packing import pack_codes, packed_nbytes, unpack_codes
 from ..store.checkpoints import open_checkpoint
 from ..store.fingerprint import fingerprint_state_dict
-from ..store.io import SafetensorsStreamWriter, atomic_write_json, check_output, header_upper_bound, staged_directory
+from ..store.export import is_tvq_safetensors
+from ..store.io import (SafetensorsStreamWriter, atomic_write_json, check_output, clean_stale, header_upper_bound,
+                        output_errors, staged_directory)
 from ..store.sources import open_source
 from .base import PerTaskDelta
 from .engine import MergePlan, iter_merged
@@ -53,14 +55,16 @@ def _meta(plan: MergePlan) -> dict[str, str]:
 def write_merged(plan: MergePlan, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run a single-model merge and write the complete state dict to ``out`` (atomic)."""
     out = Path(out)
-    check_output(out, overwrite)
     if plan.merger.per_task:
         raise TvqError(f"{plan.merger.name} gives one model per task: --out must be a directory (no .safetensors suffix)")
+    check_output(out, overwrite, is_tvq_safetensors, what="merged safetensors file")
     t0 = time.perf_counter()
-    with SafetensorsStreamWriter(out, _header(plan), _meta(plan)) as w:
-        for key, merged, _ in iter_merged(plan):
-            w.add(key, merged.cpu())
-        nbytes = w.close()
+    with output_errors(out):
+        clean_stale(out.parent, out.name)
+        with SafetensorsStreamWriter(out, _header(plan), _meta(plan)) as w:
+            for key, merged, _ in iter_merged(plan):
+                w.add(key, merged.cpu())
+            nbytes = w.close()
     return {"out": str(out), "bytes": nbytes, "seconds": time.perf_counter() - t0, "method": plan.merger.describe(),
             **plan.merger.finalize()}
 
@@ -68,9 +72,14 @@ def write_merged(plan: MergePlan, out: str | Path, overwrite: bool = False) -> d
 def write_per_task(plan: MergePlan, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run a per-task merge and write the compact artifact directory ``out``."""
     out = Path(out)
+    with output_errors(out):
+        return _write_per_task(plan, out, overwrite)
+
+
+def _write_per_task(plan: MergePlan, out: Path, overwrite: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     keys: dict[str, list[int]] = {}
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, replaceable=is_artifact, what="per-task merge artifact") as tmp:
         shared_w = SafetensorsStreamWriter(tmp / "shared.safetensors", _header(plan))
         mask_w = SafetensorsStreamWriter(tmp / "masks.safetensors",
                                          _header(plan, tuple(f"#m{i}" for i in range(len(plan.tasks)))))
@@ -101,7 +110,12 @@ def write_per_task(plan: MergePlan, out: str | Path, overwrite: bool = False) ->
 
 
 def is_artifact(path: str | Path) -> bool:
-    return (Path(path) / ARTIFACT_FILE).is_file()
+    """Whether ``path`` is a per-task merge artifact directory (its ``merge.json`` has the format)."""
+    try:
+        meta = json.loads((Path(path) / ARTIFACT_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == ARTIFACT_FORMAT
 
 
 def read_artifact(path: str | Path) -> dict[str, Any]:
@@ -146,13 +160,13 @@ def task_model_tensors(path: str | Path, task: str, pretrained) -> tuple[dict[st
 
 def export_task_model(path: str | Path, task: str, pretrained, out: str | Path, overwrite: bool = False) -> int:
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, is_tvq_safetensors, what="safetensors file")
     meta, items = task_model_tensors(path, task, pretrained)
     pre = open_source("pretrained", pretrained)
     specs = {k: ("F64", len(pre.meta(k)[0])) for k in pre.sd.keys()}
     total = sum(8 * max(1, pre.sd[k].numel()) for k in pre.sd.keys())
-    with SafetensorsStreamWriter(out, header_upper_bound(specs, total), {"format": "tvq_lightning.export", "task": task,
-                                                                        "method": meta["describe"]}) as w:
+    with output_errors(out), SafetensorsStreamWriter(out, header_upper_bound(specs, total), {
+            "format": "tvq_lightning.export", "task": task, "method": meta["describe"]}) as w:
         for k, v in items:
             w.add(k, v)
         return w.close()

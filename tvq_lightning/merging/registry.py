@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
-from ..errors import TvqError
+from ..errors import OptionError, TvqError
 
 _MERGERS: dict[str, type] = {}
 
@@ -56,8 +57,22 @@ def create_merger(name: str, **options: Any):
     try:
         cfg = cls.Config(**options)
     except (TypeError, ValueError) as e:
-        raise TvqError(f"method {name!r}: {e}") from None
+        raise OptionError(f"method {name!r}: {e}") from None
+    check_config(name, cfg)
     return cls(cfg)
+
+
+def check_config(name: str, config: Any) -> None:
+    """Every number among a method's options (and inside list options) must be finite: a NaN or
+    infinite ``scaling`` would write an all-NaN model."""
+    if not dataclasses.is_dataclass(config):
+        return
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise OptionError(f"method {name!r}: option {f.name}={value!r} is not a finite number; give a real "
+                                  f"value (e.g. --{f.name.replace('_', '-')} 0.3)")
 
 
 def _load_builtin() -> None:

@@ -1,13 +1,28 @@
 """Exporting one task of a store as a safetensors file (streamed, atomic)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 from ..errors import StoreError
-from .io import SafetensorsStreamWriter, check_output, header_upper_bound
+from .io import SafetensorsStreamWriter, check_output, clean_stale, header_upper_bound, output_errors
 from .reader import TaskVectorStore
 from .sources import open_source
+
+
+def is_tvq_safetensors(path: Path, formats: tuple[str, ...] = ("tvq_lightning.merged", "tvq_lightning.export")) -> bool:
+    """Whether ``path`` is a safetensors file tvq wrote as an output (its ``__metadata__`` format)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") in formats
 
 
 def export_task(store_path: str | Path, task: str, out: str | Path, *, pretrained=None, finetuned_weights: bool = False,
@@ -18,9 +33,12 @@ def export_task(store_path: str | Path, task: str, out: str | Path, *, pretraine
     counters) of theta_0 are copied into the fine-tuned weights unchanged.
     """
     out = Path(out)
-    check_output(out, overwrite)
-    if not out.parent.exists():
-        raise StoreError(f"{out.parent}: no such directory for --out; create it first")
+    check_output(out, overwrite, is_tvq_safetensors, what="safetensors file")
+    with output_errors(out):
+        return _export(store_path, task, out, pretrained, finetuned_weights, prefix, allow_pickle)
+
+
+def _export(store_path, task: str, out: Path, pretrained, finetuned_weights: bool, prefix, allow_pickle: bool) -> int:
     store = TaskVectorStore(store_path)
     if task not in store.layout.tasks:
         raise StoreError(f"store {store.path} has no task {task!r}; it has: {', '.join(store.tasks)}")
@@ -28,6 +46,7 @@ def export_task(store_path: str | Path, task: str, out: str | Path, *, pretraine
     if pretrained is not None:
         pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
         store.check_pretrained(pre.sd, label=pre.label)
+        store.check_layout(pre)
     elif store.needs_pretrained or finetuned_weights:
         raise StoreError(f"store {store.path} ({store.config.label}) needs the pre-trained weights to export {task!r}; pass --pretrained")
     keys = list(pre.sd.keys()) if (finetuned_weights and pre is not None) else store.keys
@@ -41,6 +60,7 @@ def export_task(store_path: str | Path, task: str, out: str | Path, *, pretraine
         total += 8 * n
     meta = {"format": "tvq_lightning.export", "task": task, "content": "finetuned" if finetuned_weights else "task_vector",
             "scheme": store.config.label, "pretrained": store.fingerprint}
+    clean_stale(out.parent, out.name)
     with SafetensorsStreamWriter(out, header_upper_bound(specs, total), meta) as w:
         for k in keys:
             if k not in store.layout.keys:  # integer buffers: theta_0's

@@ -1,6 +1,7 @@
 """Opening and validating the weights a store is built from (pre-trained and fine-tuned)."""
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +38,16 @@ class Source:
 
 def open_source(name: str, weights: WeightsLike, *, prefix: str | None = None, allow_pickle: bool = False) -> Source:
     if isinstance(weights, Mapping):
-        return Source(name, f"<{name} state dict>", weights)
+        label = f"<{name} state dict>"
+        if not isinstance(weights, LazyStateDict):
+            for k, v in weights.items():
+                if not isinstance(k, str) or not isinstance(v, Tensor):
+                    raise IncompatibleWeights(f"{label}: key {k!r} holds a {type(v).__name__}, not a tensor (keys must be "
+                                              f"strings, values tensors); pass model.state_dict() or a checkpoint path")
+        return Source(name, label, weights)
+    if not isinstance(weights, (str, os.PathLike)):
+        raise IncompatibleWeights(f"{name} weights: a {type(weights).__name__} is neither a checkpoint path nor a "
+                                  f"state dict; pass a path or model.state_dict()")
     return Source(name, str(weights), open_checkpoint(weights, prefix=prefix, allow_pickle=allow_pickle))
 
 
@@ -57,8 +67,16 @@ def floating_keys(src: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
     return out
 
 
-def check_compatible(pre: dict[str, tuple[tuple[int, ...], torch.dtype]], ft: Source) -> None:
-    """Fine-tuned keys and shapes must equal the pre-trained ones."""
+def check_compatible(pre: dict[str, tuple[tuple[int, ...], torch.dtype]], ft: Source, pre_src: Source | None = None) -> None:
+    """Fine-tuned keys and shapes must equal the pre-trained ones; a key floating in one and
+    integer in the other is named with both dtypes (``pre_src``: theta_0, for that message)."""
+    for k in ft.sd.keys():
+        ft_dtype = ft.meta(k)[1]
+        pre_dtype = pre[k][1] if k in pre else (pre_src.meta(k)[1] if pre_src is not None and k in pre_src.sd else None)
+        if pre_dtype is not None and pre_dtype.is_floating_point != ft_dtype.is_floating_point:
+            raise IncompatibleWeights(f"{ft.label}: key {k!r} has dtype {str(ft_dtype).removeprefix('torch.')}, the "
+                                      f"pre-trained one {str(pre_dtype).removeprefix('torch.')}; fine-tuned weights must "
+                                      f"come from the same model")
     ft_keys = floating_keys(ft)
     missing = [k for k in pre if k not in ft_keys]
     extra = [k for k in ft_keys if k not in pre]

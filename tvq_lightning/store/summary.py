@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ..errors import StoreError
 from .fingerprint import short_fingerprint
 from .layout import StoreConfig
 from .reader import TaskVectorStore
@@ -21,8 +22,16 @@ def bits_per_param(store: TaskVectorStore) -> float:
     return sum(k.numel * impl.bits_per_param(k, t) for k in keys) / n
 
 
-def summarize(store: TaskVectorStore) -> dict[str, Any]:
+def summarize(store: TaskVectorStore, strict: bool = True) -> dict[str, Any]:
+    """The numbers ``tvq inspect`` shows. A store missing a data file is refused (``strict``: a
+    :class:`StoreError` naming the file) or reported under ``missing_files`` (``healthy`` False);
+    ``verified`` says whether the layout records checksums (``tvq inspect --verify`` checks them)."""
     lay = store.layout
+    missing = [p.relative_to(store.path).as_posix() for p in store.missing_files()]
+    if missing and strict:
+        owner = next((n for n, t in lay.files().items() if t.file == missing[0]), "?")
+        raise StoreError(f"store {store.path} is missing {missing[0]} (of {owner}; {len(missing)} file(s) missing "
+                         f"in all): the store is incomplete; restore the file or re-create the store with `tvq quantize`")
     keys = lay.keys.values()
     q_params = sum(k.numel for k in keys if k.quantized)
     fp_params = sum(k.numel for k in keys if not k.quantized)
@@ -54,6 +63,10 @@ def summarize(store: TaskVectorStore) -> dict[str, Any]:
         "theoretical_ratio_quantized_only": bpp / 32,
         "allocation": lay.allocation,
         "generation": lay.generation,
+        "layout_version": lay.version,
+        "checksums": lay.verifiable,
+        "missing_files": missing,
+        "healthy": not missing,
     }
 
 
@@ -71,6 +84,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"on disk    {s['bytes_on_disk']:,} bytes = {100 * s['ratio_to_fp32']:.2f} % of {s['num_tasks']} fp32 checkpoints "
         f"({s['num_tasks']} x {s['fp32_checkpoint_bytes']:,} bytes); theory {100 * s['theoretical_ratio']:.2f} %",
     ]
+    if s.get("missing_files"):
+        lines.append(f"MISSING    {', '.join(s['missing_files'])}: the store is incomplete")
+    if s.get("checksums") is False:
+        lines.append(f"integrity  layout version {s.get('layout_version')}: no checksums (see verify_store / upgrade_store)")
     if s.get("allocation"):
         lines.append(f"allocation {s['allocation'].get('description', s['allocation'])}")
     return "\n".join(lines)

@@ -24,8 +24,9 @@ from ..quant.kernels import parallel_map
 from . import fused
 from .encode import encode_joint, encode_single, scratch, task_vector_into
 from .fingerprint import combine_entries, tensor_entry
-from .io import SafetensorsStreamWriter, atomic_write_json, header_upper_bound, staged_directory
-from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo
+from .io import (SafetensorsStreamWriter, atomic_write_json, check_output, clean_stale, header_upper_bound, output_errors,
+                 staged_directory)
+from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo, is_store
 from .reader import TaskVectorStore
 from .sources import Source, WeightsLike, check_compatible, check_task_name, floating_keys, open_source
 
@@ -59,7 +60,7 @@ def _writer(path: Path, infos: dict[str, KeyInfo], cfg: StoreConfig, metadata: d
         elif not quantized_only:
             specs[k] = ("F32", len(info.shape))
             total += 4 * info.numel
-    return SafetensorsStreamWriter(path, header_upper_bound(specs, total), metadata)
+    return SafetensorsStreamWriter(path, header_upper_bound(specs, total), metadata, checksums=True)
 
 
 def _progress(it, desc: str, show: bool):
@@ -252,6 +253,14 @@ def quantize_to_store(
             new (or overwritten) store: tasks added to a store take its recorded widths.
     """
     out = Path(out)
+    with output_errors(out):
+        return _quantize_to_store(pretrained, finetuned, out, config, prefix=prefix, allow_pickle=allow_pickle,
+                                  overwrite=overwrite, rtvq_base=rtvq_base, sensitivity=sensitivity,
+                                  allocation=allocation, progress=progress)
+
+
+def _quantize_to_store(pretrained, finetuned, out: Path, config: StoreConfig, *, prefix, allow_pickle, overwrite,
+                       rtvq_base, sensitivity, allocation, progress) -> Layout:
     names = [check_task_name(n) for n in finetuned]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -262,10 +271,10 @@ def quantize_to_store(
     pre_keys = floating_keys(pre)
     fts = [open_source(n, finetuned[n], prefix=prefix, allow_pickle=allow_pickle) for n in names]
     for f in fts:
-        check_compatible(pre_keys, f)
+        check_compatible(pre_keys, f, pre)
     if out.exists() and not overwrite:
-        if not (out / LAYOUT_FILE).is_file():
-            raise OutputExistsError(f"{out} exists and is not a store; choose another --out or pass --overwrite")
+        if not is_store(out):
+            raise OutputExistsError(f"{out} exists and is not a store; it is left untouched: choose another --out")
         if allocation is not None:
             raise QuantConfigError(f"store {out} exists: added tasks take its recorded per-key widths; "
                                    f"drop allocation= or rebuild the store with overwrite=True")
@@ -275,7 +284,7 @@ def quantize_to_store(
     elif config.budget is not None:
         allocation = _allocate(pre, fts, pre_keys, config, sensitivity, progress)
     infos = _key_infos(pre_keys, config, allocation)
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, replaceable=is_store, what="store") as tmp:
         (tmp / "tasks").mkdir()
         layout = _write_generation(tmp, pre, fts, infos, config, None, generation=1, show=progress)
         layout = layout.with_(allocation=None if allocation is None else _allocation_record(allocation, sensitivity))
@@ -314,9 +323,9 @@ def _write_generation(root: Path, pre: Source, fts: list[Source], infos: dict[st
             w.abort()
         raise
     tasks = dict(keep.tasks) if keep is not None else {}
-    tasks.update({f.name: TaskInfo(rel[f.name], f.label, s) for f, s in zip(fts, sizes)})
+    tasks.update({f.name: TaskInfo(rel[f.name], f.label, s, w.checksums) for f, s, w in zip(fts, sizes, writers)})
     if base_writer is not None:
-        base, base_tasks = TaskInfo(base_rel, "mean of the task vectors", base_size), tuple(tasks)
+        base, base_tasks = TaskInfo(base_rel, "mean of the task vectors", base_size, base_writer.checksums), tuple(tasks)
     elif keep is not None:
         base, base_tasks = keep.base, keep.base_tasks
     else:
@@ -338,6 +347,10 @@ def _add_tasks(store: TaskVectorStore, pre: Source, fts: list[Source], config: S
     if set(floating_keys(pre)) != set(infos):
         raise TvqError(f"{pre.label} has other keys than store {store.path}; use the same --prefix as when the store was made")
     store.check_pretrained(pre.sd, label=pre.label)
+    store.check_layout(pre)
+    check_output(store.path / LAYOUT_FILE, True, what="store layout")  # writable, before any work
+    for d in (store.path, store.path / "tasks"):
+        clean_stale(d)  # temp files of earlier runs that were killed
     mode = cfg.scheme_impl.add_mode(layout, rtvq_base)
     if mode == "recompute":
         return _recompute_shared(store, pre, fts, show)
