@@ -93,6 +93,12 @@ def test_errors(ckpts, store, tvq, tmp_path):
     out.write_bytes(b"keep me")
     assert "already exists" in _one_error_line(tvq(*base, "--method", "ties"))
     assert out.read_bytes() == b"keep me"
-    assert tvq(*base, "--method", "ties", "--overwrite", "--quiet").rc == 0
+    # --overwrite replaces only a file tvq wrote: a user's file is refused and left alone
+    line = _one_error_line(tvq(*base, "--method", "ties", "--overwrite", "--quiet"))
+    assert "left untouched" in line and "--overwrite" not in line
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert tvq(*base, "--method", "ties", "--quiet").rc == 0
+    assert tvq(*base, "--method", "ties", "--overwrite", "--quiet").rc == 0     # its own output: replaced
     assert len(load_state_dict(out)) == len(ckpts.pre_sd)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -135,7 +135,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise _truncated(p, f"entry {key!r} lacks dtype, shape or data_offsets")
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{p}: tensor {key!r} has dtype {dtype!r}, which this reader does not support; "
                 "convert it to F32, F16 or BF16"

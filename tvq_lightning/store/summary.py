@@ -87,7 +87,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("missing_files"):
         lines.append(f"MISSING    {', '.join(s['missing_files'])}: the store is incomplete")
     if s.get("checksums") is False:
-        lines.append(f"integrity  layout version {s.get('layout_version')}: no checksums (see verify_store / upgrade_store)")
+        lines.append(f"integrity  layout version {s.get('layout_version')}: no checksums (`tvq inspect STORE --upgrade` records them)")
     if s.get("allocation"):
         lines.append(f"allocation {s['allocation'].get('description', s['allocation'])}")
     return "\n".join(lines)

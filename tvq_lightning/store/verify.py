@@ -99,8 +99,7 @@ def verify_store(path: str | Path, pretrained=None) -> VerifyReport:
     report.version = layout.version
     if layout.version < 2:
         report.notes.append(f"layout version {layout.version} records no checksums: the data was not verified; "
-                            f"add them with `python -c \"from tvq_lightning.store.verify import upgrade_store; "
-                            f"upgrade_store('{path}')\"` (it trusts the files as they are now)")
+                            f"add them with `tvq inspect {path} --upgrade` (it trusts the files as they are now)")
     for name, info in layout.files().items():
         report.files += 1
         _check_file(path, layout, name, info, report)
