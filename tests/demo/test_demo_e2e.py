@@ -18,7 +18,7 @@ def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out = root / "out"
     with isolated_cache(root):
-        assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+        assert main(["demo", "--quick", "--suite", "classification", "--no-progress", "--out", str(out)]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 

@@ -73,7 +73,7 @@ def test_version_1_store_is_read_unverified_and_upgraded(world):
     edit_layout(store, as_v1, reseal=False)
     want = TaskVectorStore(world.store("rtvq")).task_vector("t1", KEY)
     report = verify_store(store)
-    assert report.ok and report.unverified_files == 4 and "upgrade_store" in report.notes[0]
+    assert report.ok and report.unverified_files == 4 and "--upgrade" in report.notes[0]
     flip_tensor(task_file(store, "t1"), "proj#q", 0)
     TaskVectorStore(store).task_vector("t1", "proj")       # version 1: no checksums, not verified
     flip_tensor(task_file(store, "t1"), "proj#q", 0)       # restore, then upgrade

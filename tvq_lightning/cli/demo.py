@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Optional
+from typing import Literal, Optional
 
 from jsonargparse import Namespace
 
@@ -25,6 +25,8 @@ def build_parser(first: Namespace | None = None) -> OptionsParser:
         "quick": "three tasks, small splits, few steps (used by the tests); the defaults below become DemoConfig.quick()'s",
         "clip_dir": "a tiny CLIP folder (config.json + weights.safetensors); default: the one shipped in the package",
         "progress": "progress bars"})
+    p.option("suite", Literal["all", "classification", "dense"], "classification", "which demo (default classification; dense is in progress, see docs): all (classification, then dense), classification, or dense "
+             "(rendered scenes; its settings are DenseDemoConfig's, DenseDemoConfig.quick()'s with --quick)")
     p.option("set", str, [], "change DemoConfig settings as KEY=VALUE (sequences comma-separated), e.g. "
              "--set finetune_steps=150 tinting_epochs=500 budget_sensitivity=uniform", nargs="+", action="extend",
              metavar="KEY=VALUE")
@@ -38,5 +40,5 @@ def main(argv: Sequence[str]) -> int:
 
     ns = parse_two_pass(argv, build_parser)
     cfg = build_dataclass(DemoConfig, ns).with_overrides(ns.set)
-    run_demo(ns.out, cfg=cfg, clip_dir=ns.clip_dir, progress=ns.progress)
+    run_demo(ns.out, quick=bool(ns.quick), cfg=cfg, clip_dir=ns.clip_dir, progress=ns.progress, suite=ns.suite)
     return 0

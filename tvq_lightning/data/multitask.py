@@ -5,6 +5,8 @@
   task's *unlabelled* test images, ``{task: (indices, images)}`` per step (test-time adaptation;
   :class:`IndexedImages`): the sample indices key the per-sample targets Tinting and Surgery cache,
   and AdaMerging ignores them. The module never changes the datamodule: it always yields this.
+  The shuffled training loaders are :class:`ResumableLoader`: a fit resumed from a checkpoint
+  taken mid-epoch continues with the batches the interrupted fit would have drawn.
 - ``val_dataloader()`` / ``test_dataloader()`` / ``predict_dataloader()``: one labelled loader per
   task, in task order, so ``dataloader_idx`` is the task index (predict: the test splits); under
   DDP each task's samples are split across ranks without padding (:mod:`.sampling`), so counts
@@ -56,6 +58,57 @@ class IndexedImages(Dataset):
         return i, self.base[i][0]
 
 
+class ResumableLoader(DataLoader):
+    """A training loader a checkpoint can resume mid-epoch: Lightning's fit loop saves
+    :meth:`state_dict` in the checkpoint and hands it back to :meth:`load_state_dict` on resume, so
+    the resumed run draws the same batches, in the same order, as a run never interrupted.
+
+    The state is how many batches the current pass over the data gave and the shuffling
+    generator's state when the pass began and now. Resuming restores the generator to the pass's
+    beginning and replays (loads and drops) the batches it gave; after a finished pass the next
+    one begins from the generator's state now. A pass stops after ``len(self)`` batches without
+    asking the sampler for more (``RandomSampler``, asked once more, draws a permutation it does
+    not use, so the generator's state would depend on whether a finished pass was asked again).
+    Under DDP Lightning's ``DistributedSampler`` orders the data by epoch; the replay still skips
+    the batches given.
+    """
+
+    _resume: dict | None = None
+    _pass_start: torch.Tensor | None = None
+    _given = 0
+
+    def state_dict(self) -> dict:
+        gen = self.generator
+        return {"pass_start": self._pass_start, "given": self._given, "now": None if gen is None else gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        state, self._resume = self._resume, None
+        gen, skip = self.generator, 0
+        if state is not None:
+            done = state["given"] >= len(self)   # that pass was over: the next begins where it left the generator
+            start = state["now"] if done or state["pass_start"] is None else state["pass_start"]
+            if gen is not None and start is not None:
+                gen.set_state(start)
+            skip = 0 if done else state["given"]
+        self._pass_start, self._given = (None if gen is None else gen.get_state()), 0
+        return self._batches(super().__iter__(), skip)
+
+    def _batches(self, it, skip: int):
+        for _ in range(skip):    # already trained on before the checkpoint
+            next(it)
+            self._given += 1
+        while self._given < len(self):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self._given += 1
+            yield batch
+
+
 class MultiTaskDataModule(pl.LightningDataModule):
     """Base class: ``make_split(task, split) -> Dataset`` of ``(image, label)``."""
 
@@ -88,8 +141,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return self._splits[key]
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=False, generator=torch.Generator().manual_seed(0) if shuffle else None)
+        cls = ResumableLoader if shuffle else DataLoader   # the shuffled (training) loaders resume mid-epoch
+        return cls(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                   drop_last=False, generator=torch.Generator().manual_seed(0) if shuffle else None)
 
     def train_dataloader(self):
         if self.train_task is not None:

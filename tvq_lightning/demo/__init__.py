@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import SCHEMES, DemoConfig
 
-__all__ = ["SCHEMES", "DemoConfig", "run_demo"]
+__all__ = ["SCHEMES", "SUITES", "DemoConfig", "run_demo"]
 
 
 @contextlib.contextmanager
@@ -56,17 +56,38 @@ def _bar(items, desc: str, show: bool):
     return tqdm(items, desc=desc, disable=not show, file=sys.stderr, leave=True, dynamic_ncols=True)
 
 
+SUITES = ("all", "classification", "dense")
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig | None = None,
-             clip_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run every phase; returns the report (also written to ``out``)."""
+             clip_dir: str | Path | None = None, progress: bool = True, suite: str = "all",
+             dense_cfg=None) -> dict:
+    """Run every phase of ``suite`` (``all``: classification, then the dense part of
+    :mod:`.dense` into ``report["dense"]``; ``dense_cfg``: a
+    :class:`~.dense.DenseDemoConfig`, default its ``quick()`` with ``quick``); returns the report
+    (also written to ``out``)."""
+    from ..errors import TvqError
     from ..store.io import staged_directory
 
+    if suite not in SUITES:
+        raise TvqError(f"suite={suite!r}: choose one of {', '.join(SUITES)}")
     cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
     out = Path(out)
     with _quiet_lightning(), staged_directory(out, overwrite=True) as stage:
-        from .report import write_report
+        from .report import machine, write_report
 
-        md = write_report(_run(cfg, stage, clip_dir, progress), stage)
+        if suite == "dense":
+            report = {"timings": {"total": 0.0}, "machine": machine()}
+        else:
+            report = _run(cfg, stage, clip_dir, progress)
+        if suite != "classification":
+            from .dense import DenseDemoConfig, run_dense
+
+            dcfg = dense_cfg or (DenseDemoConfig.quick() if quick else DenseDemoConfig())
+            report["dense"] = run_dense(dcfg, stage / "dense", progress)
+            report["timings"]["dense"] = report["dense"]["timings"]["total"]
+            report["timings"]["total"] = report["timings"].get("total", 0.0) + report["timings"]["dense"]
+        md = write_report(report, stage)
     print(md)
     return json.loads((out / "report.json").read_text())
 

@@ -196,12 +196,18 @@ def _save(fig, path: Path) -> Path:
 def write_report(report: dict, out: Path) -> str:
     """Findings, plots, ``report.md`` and ``report.json`` (with the report phase's own time)."""
     t0 = time.perf_counter()
-    report["findings"] = findings(report)
-    plots(report, out)
+    classification = "results" in report        # absent under ``--suite dense``
+    if classification:
+        report["findings"] = findings(report)
+        plots(report, out)
     dt = time.perf_counter() - t0
     report["timings"]["report"] = dt
     report["timings"]["total"] = report["timings"].get("total", 0.0) + dt
-    md = markdown(report)
+    md = markdown(report) if classification else f"# tvq demo report\n\nMachine: {report.get('machine', machine())}.\n"
+    if "dense" in report:    # the dense suite's section (tvq_lightning.demo.dense)
+        from .dense.report import markdown as dense_markdown
+
+        md += "\n" + dense_markdown(report["dense"])
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", md.encode())
     return md
