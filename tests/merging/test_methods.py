@@ -1,6 +1,6 @@
 """Every registered merging method against a naive whole-model reference, plus defining properties.
 
-The references below are written plainly from ALGORITHMS.md §4: every floating key of the store
+The references below are written plainly from docs/algorithms.md §4: every floating key of the store
 is flattened into one vector per task (the store's dequantized task vectors), the formula is
 applied to the full vectors (TIES with ``kthvalue``), and the result is compared with the
 streaming engine's output on fp32, TVQ-INT4 and RTVQ stores.

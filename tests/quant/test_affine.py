@@ -1,4 +1,4 @@
-"""The affine quantizer's invariants (ALGORITHMS.md §2) for every bit width and granularity.
+"""The affine quantizer's invariants (docs/algorithms.md §2) for every bit width and granularity.
 
 Every invariant is checked on both implementations of the quantizer: the pure torch reference
 (``fake_quantize`` / ``quantize_affine``) and ``QTensor`` (numba kernels when available).

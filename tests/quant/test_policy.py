@@ -1,4 +1,4 @@
-"""Which tensors are quantized (ALGORITHMS.md §1): rank / linear policies and module_linear_keys."""
+"""Which tensors are quantized (docs/algorithms.md §1): rank / linear policies and module_linear_keys."""
 from __future__ import annotations
 
 import pytest

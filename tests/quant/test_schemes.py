@@ -1,4 +1,4 @@
-"""FQ, TVQ and RTVQ (ALGORITHMS.md §3) on synthetic weights shaped like a CLIP ViT's."""
+"""FQ, TVQ and RTVQ (docs/algorithms.md §3) on synthetic weights shaped like a CLIP ViT's."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,5 @@
 """The store of quantized task vectors: exactness per scheme, storage, lazy reads, zero task vectors,
-adding tasks (ALGORITHMS.md §1-3, §8). Errors, export and atomic writes: test_store_errors.py."""
+adding tasks (docs/algorithms.md §1-3, §8). Errors, export and atomic writes: test_store_errors.py."""
 from __future__ import annotations
 
 import math

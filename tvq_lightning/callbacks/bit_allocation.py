@@ -1,7 +1,7 @@
 """Choose per-key bit widths for a run's task vector from gradient sensitivities under a budget.
 
 :class:`BitAllocation` works together with :class:`~.quantize_on_save.QuantizeOnSave`. The
-procedure (ALGORITHMS.md §3, "bit allocation by quantization sensitivity"):
+procedure (docs/algorithms.md §3, "bit allocation by quantization sensitivity"):
 
 1. ``on_train_start`` (before the first optimizer step, after the training data is set up and
    the model is on its device): for ``num_batches`` training batches, the loss is

@@ -1,7 +1,7 @@
 """Merging methods by name (the timm pattern): ``register_merger``, ``create_merger``, ``list_mergers``.
 
 Each method is a :class:`~.base.Merger` subclass with a frozen dataclass ``Config`` whose
-defaults are ALGORITHMS.md's. ``create_merger("ties", scaling=0.4, k=0.2)`` checks the options
+defaults are docs/algorithms.md's. ``create_merger("ties", scaling=0.4, k=0.2)`` checks the options
 against the config's fields and raises a one-line error naming the valid ones.
 """
 from __future__ import annotations

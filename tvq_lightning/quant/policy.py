@@ -1,4 +1,4 @@
-"""Which tensors of a state dict are quantized (ALGORITHMS.md §1).
+"""Which tensors of a state dict are quantized (docs/algorithms.md §1).
 
 Decided by tensor rank and dtype, and — when the model is at hand — by module type, never by
 substrings of key names, so the same policy works for open_clip, timm and HF keys.

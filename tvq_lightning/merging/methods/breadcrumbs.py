@@ -1,4 +1,4 @@
-"""Model Breadcrumbs: drop each task vector's outliers and negligible entries, then add (ALGORITHMS.md §4).
+"""Model Breadcrumbs: drop each task vector's outliers and negligible entries, then add (docs/algorithms.md §4).
 
 Per tensor (key) and per task, with n = numel and the entries ranked by a *stable* ascending sort
 of |tau_t| (equal magnitudes rank by flat index, so the result is deterministic)::
@@ -12,7 +12,7 @@ hyper-parameter search for ``paper_implementation`` (``find_best_hyperparam.py``
 alpha = 0.2, keep = 0.15 ("beta" there: the fraction kept), top-removed = 0.006 ("gamma" there).
 In this module's terms: ``beta`` = 0.006 (largest fraction dropped), ``gamma`` = 0.85 (smallest
 fraction dropped, i.e. 15 % kept), ``scaling`` = 0.2. Note the official code masks along the last
-dimension (per row); ALGORITHMS.md says per tensor, which is what this module does.
+dimension (per row); docs/algorithms.md says per tensor, which is what this module does.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DARE: drop and rescale, then merge (ALGORITHMS.md §4; Yu et al., ICML 2024).
+"""DARE: drop and rescale, then merge (docs/algorithms.md §4; Yu et al., ICML 2024).
 
 Per key k and task t, with a Bernoulli mask drawn from a generator seeded by (seed, k, t)::
 

@@ -1,4 +1,4 @@
-"""EMR-Merging: elect, mask, rescale (ALGORITHMS.md §4; Huang et al., NeurIPS 2024).
+"""EMR-Merging: elect, mask, rescale (docs/algorithms.md §4; Huang et al., NeurIPS 2024).
 
 Per key k, with task vectors tau_1..tau_T::
 

@@ -1,4 +1,4 @@
-"""LiNeS: layer-increasing network scaling of a merged task vector (ALGORITHMS.md §4; Wang et al., ICLR 2025).
+"""LiNeS: layer-increasing network scaling of a merged task vector (docs/algorithms.md §4; Wang et al., ICLR 2025).
 
 With tau_merged the base merge at lambda = 1 (task arithmetic: sum_t tau_t; TIES: its disjoint
 merge), L the model's depth (``KeyInput.num_blocks``, detected from the keys: not hard-coded) and

@@ -1,4 +1,4 @@
-"""MagMax: per entry, the task vector of largest magnitude (ALGORITHMS.md §4; Marczak et al., ECCV 2024).
+"""MagMax: per entry, the task vector of largest magnitude (docs/algorithms.md §4; Marczak et al., ECCV 2024).
 
 Per entry i::
 

@@ -1,4 +1,4 @@
-"""Weight averaging and task arithmetic (ALGORITHMS.md §4)."""
+"""Weight averaging and task arithmetic (docs/algorithms.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""TALL masks (per task) and Consensus merging (ALGORITHMS.md §4; Wang et al., ICML 2024).
+"""TALL masks (per task) and Consensus merging (docs/algorithms.md §4; Wang et al., ICML 2024).
 
 Per key, with tau_MTL = sum_t tau_t (the task-arithmetic vector at lambda = 1)::
 

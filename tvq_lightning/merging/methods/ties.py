@@ -1,4 +1,4 @@
-"""TIES-Merging: trim, elect sign, disjoint merge (ALGORITHMS.md §4).
+"""TIES-Merging: trim, elect sign, disjoint merge (docs/algorithms.md §4).
 
 The per-task trim threshold is global over the whole model: v_t is the (d - floor(k d))-th
 smallest |tau_t| over all d entries, and entries with |tau_t| >= v_t are kept. It is found
