@@ -24,13 +24,13 @@ import contextlib
 import json
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .config import SCHEMES, DemoConfig
+from .timing import PhaseTimer
 
 __all__ = ["SCHEMES", "SUITES", "DemoConfig", "run_demo"]
 
@@ -111,14 +111,8 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
     from .merges import merge_all
     from .report import machine
 
-    timings: dict[str, float] = {}
-    start = t = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[phase] = now - t
-        t = now
+    timer = PhaseTimer()
+    timings, lap = timer.timings, timer.lap
 
     bar = _bar(cfg.tasks, "setup: data, θ0, zero-shot heads, stem features", show)
     bench = prepare(cfg, out, clip_dir, progress=lambda _: bar.update(1))
@@ -164,7 +158,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         results.setdefault(method, {})[scheme] = adapt(method, bench, stores[scheme], out / "adapt" / scheme)
     lap("adapt")
     exact.close()
-    timings["total"] = time.perf_counter() - start
+    timer.finish()
     return {"tasks": bench.tasks, "results": results, "storage": storage, "diagnostics": diagnostics,
             "analysis": analysis, "timings": timings, "config": asdict(cfg), "machine": machine()}
 

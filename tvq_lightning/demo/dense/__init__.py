@@ -15,13 +15,13 @@ Phases (each timed in ``report.json["dense"]["timings"]``):
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .config import DENSE_METHODS, DENSE_SCHEMES, DenseDemoConfig
+from ..timing import PhaseTimer
 
 __all__ = ["DENSE_METHODS", "DENSE_SCHEMES", "DenseDemoConfig", "run_dense"]
 
@@ -45,14 +45,8 @@ def run_dense(cfg: DenseDemoConfig, out: Path, show: bool = True) -> dict:
     from .report import delta_m_plot, findings, picture_grids
 
     out = Path(out)
-    timings: dict[str, float] = {}
-    start = t = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[phase] = now - t
-        t = now
+    timer = PhaseTimer()
+    timings, lap = timer.timings, timer.lap
 
     torch.manual_seed(cfg.seed)
     bench = prepare(cfg, out)
@@ -109,5 +103,5 @@ def run_dense(cfg: DenseDemoConfig, out: Path, show: bool = True) -> dict:
     delta_m_plot(section, out)
     picture_grids(bench.tasks, images, targets, rows, out)
     lap("report")
-    timings["total"] = time.perf_counter() - start
+    timer.finish()
     return section
