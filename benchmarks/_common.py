@@ -4,6 +4,7 @@ Checkpoints are generated once into a work directory (safetensors) and reused by
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch  # noqa: E402
 
 from tvq_lightning.store.checkpoints import load_state_dict  # noqa: E402
 from tvq_lightning.data.synthetic import synthetic_task_vector  # noqa: E402
-from tvq_lightning.store.io import save_safetensors  # noqa: E402
+from tvq_lightning.store.st_stream import save_safetensors  # noqa: E402
 
 
 def vit_b32_checkpoints(workdir: Path, num_tasks: int, seed: int = 0) -> tuple[Path, dict[str, Path]]:
@@ -58,3 +59,11 @@ def timed(fn, repeat: int = 3, setup=None) -> tuple[float, object]:
         res = fn()
         best = min(best, time.perf_counter() - t0)
     return best, res
+
+
+def publish(out: Path, name: str, table: str, data) -> None:
+    """Print ``table`` and write it as ``out/NAME.md`` beside ``out/NAME.json`` (``data``)."""
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))

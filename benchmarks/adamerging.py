@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import vit_b32_checkpoints  # noqa: E402
+from _common import publish, vit_b32_checkpoints  # noqa: E402
 from merge import PY, build_store, measure  # noqa: E402
 
 from tvq_lightning.store import StoreConfig  # noqa: E402
@@ -124,10 +124,7 @@ def main(argv=None) -> int:
           f"{r['packed_bytes'] / 2**20:.0f} |" for k, r in rows.items()),
         "", f"INT4 / fp32: memory during adaptation x{q['adapt_peak_rss'] / f['adapt_peak_rss']:.2f} "
             f"(process peak x{q['peak_rss'] / f['peak_rss']:.2f}), step time x{q['step_s'] / f['step_s']:.2f}"])
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adamerging.md").write_text(table + "\n")
-    (args.out / "adamerging.json").write_text(json.dumps(rows, indent=1))
+    publish(args.out, "adamerging", table, rows)
     return 0
 
 

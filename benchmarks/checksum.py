@@ -10,13 +10,12 @@ the target is a checksum cost of at most 10 % of the merge time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import vit_b32_checkpoints, warm_page_cache  # noqa: E402
+from _common import publish, vit_b32_checkpoints, warm_page_cache  # noqa: E402
 from merge import build_store, measure, tvq_merge  # noqa: E402
 
 from tvq_lightning.store import StoreConfig  # noqa: E402
@@ -52,11 +51,7 @@ def main(argv=None) -> int:
     lines = ["| method | store | verified s | --no-verify s | checksum cost | <= 10 % |", "|---|---|---:|---:|---:|---|"]
     lines += [f"| {r['method']} | {r['store']} | {r['verify_s']:.2f} | {r['no_verify_s']:.2f} | {100 * r['cost']:+.1f} % | "
               f"{'yes' if r['holds'] else 'NO'} |" for r in rows]
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "checksum.md").write_text(table + "\n")
-    (args.out / "checksum.json").write_text(json.dumps(rows, indent=1))
+    publish(args.out, "checksum", "\n".join(lines), rows)
     return 0
 
 

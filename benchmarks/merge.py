@@ -11,7 +11,6 @@ TIES) at T = 2, 8, 16.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import vit_b32_checkpoints, warm_page_cache  # noqa: E402
+from _common import publish, vit_b32_checkpoints, warm_page_cache  # noqa: E402
 
 from tvq_lightning.errors import TvqError  # noqa: E402
 from tvq_lightning.store import StoreConfig, TaskVectorStore, load_state_dict, quantize_to_store  # noqa: E402
@@ -114,7 +113,6 @@ def main(argv=None) -> int:
             t, m = measure(tvq_merge(pre, store, method, out))
             scaling.append({"tasks": T, "method": method, "seconds": t, "peak_rss": m})
             print(f"T={T:>2} {method:>16}: {t:6.2f} s, peak {m / 2**20:7.0f} MiB", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"Baseline (interpreter + libraries): {baseline / 2**20:.0f} MiB; one fp32 model: {fp32_model / 2**20:.0f} MiB.",
              "", "| method | store | tvq merge s | peak MiB | reference s | reference MiB | time ratio | memory ratio |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -123,11 +121,8 @@ def main(argv=None) -> int:
                      f"{r['ref_peak_rss'] / 2**20:.0f} | {r['time_ratio']:.2f} | {r['mem_ratio']:.2f} |")
     lines += ["", "| T | method | seconds | peak MiB |", "|---:|---|---:|---:|"]
     lines += [f"| {s['tasks']} | {s['method']} | {s['seconds']:.2f} | {s['peak_rss'] / 2**20:.0f} |" for s in scaling]
-    table = "\n".join(lines)
-    print("\n" + table)
-    (args.out / ("merge_scaling.md" if args.only_scaling else "merge.md")).write_text(table + "\n")
-    (args.out / ("merge_scaling.json" if args.only_scaling else "merge.json")).write_text(json.dumps({"baseline_rss": baseline, "fp32_model_bytes": fp32_model,
-                                                     "rows": rows, "scaling": scaling}, indent=1))
+    publish(args.out, "merge_scaling" if args.only_scaling else "merge", "\n".join(lines),
+            {"baseline_rss": baseline, "fp32_model_bytes": fp32_model, "rows": rows, "scaling": scaling})
     return 0
 
 

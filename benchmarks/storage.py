@@ -12,14 +12,13 @@ Writes ``storage.md``, ``storage.json`` and ``storage.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import timed, vit_b32_checkpoints, warm_page_cache  # noqa: E402
+from _common import publish, timed, vit_b32_checkpoints, warm_page_cache  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from tvq_lightning.store import StoreConfig, TaskVectorStore, quantize_to_store  # noqa: E402
@@ -77,11 +76,7 @@ def main(argv=None) -> int:
         print(f"{cfg.label:>16}: {r['bytes']:>13,} B  {100 * r['ratio_to_fp32']:6.2f} % (theory {100 * r['theoretical_ratio']:6.2f} %)"
               f"  quantize {secs:6.2f} s  floor {floor:5.2f} s  x{r['time_vs_floor']:.2f}", flush=True)
         shutil.rmtree(store, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows, args.tasks)
-    print("\n" + table)
-    (args.out / "storage.md").write_text(table + "\n")
-    (args.out / "storage.json").write_text(json.dumps({"tasks": args.tasks, "rows": rows}, indent=1))
+    publish(args.out, "storage", format_table(rows, args.tasks), {"tasks": args.tasks, "rows": rows})
     plot(rows, args.out / "storage.png")
     return 0
 

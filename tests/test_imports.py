@@ -97,7 +97,7 @@ def test_testing_reexports_the_package_objects():
     from tvq_lightning.data.synthetic import synthetic_finetunes, synthetic_task_vector
     from tvq_lightning.models import TinyEncoder
     from tvq_lightning.models.tiny import heavy_tailed_, tiny_pretrained
-    from tvq_lightning.store.io import save_safetensors
+    from tvq_lightning.store.st_stream import save_safetensors
 
     for obj in (synthetic_finetunes, synthetic_task_vector, TinyEncoder, heavy_tailed_, tiny_pretrained, save_safetensors):
         assert getattr(testing, obj.__name__) is obj

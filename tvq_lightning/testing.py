@@ -11,7 +11,7 @@ import torch
 
 from .data.synthetic import synthetic_finetunes, synthetic_task_vector
 from .models.tiny import TinyEncoder, heavy_tailed_, tiny_pretrained
-from .store.io import save_safetensors
+from .store.st_stream import save_safetensors
 
 __all__ = ["TinyEncoder", "heavy_tailed_", "make_tta_assets", "save_safetensors", "synthetic_finetunes",
            "synthetic_task_vector", "tiny_pretrained"]

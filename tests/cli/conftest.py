@@ -11,7 +11,7 @@ import torch
 from tvq_lightning.cli.main import main
 from tvq_lightning.data.synthetic import synthetic_finetunes
 from tvq_lightning.models.tiny import tiny_pretrained
-from tvq_lightning.store.io import save_safetensors
+from tvq_lightning.store.st_stream import save_safetensors
 
 
 @pytest.fixture(scope="session")

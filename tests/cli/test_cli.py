@@ -291,7 +291,7 @@ def test_bad_input_when_adding_leaves_store_unchanged(tmp_path, tvq, ckpts, snap
 def test_fingerprint_mismatch_when_adding_and_exporting(tmp_path, tvq, ckpts, snap):
     from tvq_lightning.data.synthetic import synthetic_finetunes
     from tvq_lightning.models.tiny import tiny_pretrained
-    from tvq_lightning.store.io import save_safetensors
+    from tvq_lightning.store.st_stream import save_safetensors
 
     out = tmp_path / "store"
     assert quantize(tvq, ckpts, out, names=("t0",)).rc == 0

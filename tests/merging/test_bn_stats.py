@@ -160,6 +160,15 @@ def test_adamerging_mean_is_not_coefficient_weighted(setup, checkpoint_tasks):
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(m.task_features([x])[0], ref(x))
+    # the whole adapted encoder, for another copy of it: the policy's statistics included
+    full = m.merged_state_dict()
+    assert set(full) == set(pre)
+    for k in pre:
+        torch.testing.assert_close(full[k], want[k].to(full[k].dtype))
+    other = BNEncoder().eval()   # θ0 buffers: merged_params() alone would keep them
+    other.load_state_dict(pre)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.functional_call(other, full, (x,)), ref(x))
 
 
 def test_adamerging_recompute_at_test_start(setup):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tvq_lightning.store.checkpoints import load_state_dict, read_safetensors_header
-from tvq_lightning.store.io import save_safetensors
+from tvq_lightning.store.st_stream import save_safetensors
 from tvq_lightning.store.layout import LAYOUT_CRC, layout_checksum
 
 

@@ -12,6 +12,7 @@ import sys
 
 from tvq_lightning.cli.main import main
 from tvq_lightning.store import io as io_mod
+from tvq_lightning.store import st_stream
 
 hook, n = sys.argv[1], int(sys.argv[2])
 args = sys.argv[sys.argv.index("--") + 1:]
@@ -35,7 +36,7 @@ def counting(fn, before: bool):
 
 
 if hook == "add_bytes":
-    io_mod.SafetensorsStreamWriter.add_bytes = counting(io_mod.SafetensorsStreamWriter.add_bytes, True)
+    st_stream.SafetensorsStreamWriter.add_bytes = counting(st_stream.SafetensorsStreamWriter.add_bytes, True)
 elif hook in ("replace", "after_replace"):
     os.replace = counting(os.replace, hook == "replace")
 elif hook in ("swap", "after_swap"):

@@ -14,7 +14,7 @@ from tvq_lightning.data.synthetic import synthetic_finetunes
 from tvq_lightning.merging import plan_merge, write_merged
 from tvq_lightning.models.tiny import tiny_pretrained
 from tvq_lightning.store import StoreConfig, quantize_to_store
-from tvq_lightning.store.io import save_safetensors
+from tvq_lightning.store.st_stream import save_safetensors
 
 from _robust_helpers import run_tvq
 

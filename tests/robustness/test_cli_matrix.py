@@ -289,6 +289,9 @@ OUTPUT_CASES = {
     "quantize_add_other_settings": (lambda w: _quantize(w, "--bits", "2", fts=[f"t9={w.ft('t0')}"], out=w.store()), "differ"),
     "inspect_missing": (lambda w: ["inspect", w.root / "nowhere"], "nowhere"),
     "inspect_user_dir": (lambda w: ["inspect", _user_dir(w)], "not a store"),
+    "demo_user_dir": (lambda w: ["demo", "--quick", "--out", _user_dir(w)], "not a demo output"),
+    "demo_out_is_file": (lambda w: ["demo", "--quick", "--out", w.pre], "is a file"),
+    "demo_store_dir": (lambda w: ["demo", "--quick", "--out", w.store()], "not a demo output"),
 }
 
 
@@ -347,7 +350,7 @@ def test_pickled_module_needs_opt_in_then_works(world, tvq):
     torch.save(model, path)
     fts = [f"t0={path}"]
     pre = world.root / "ckpt" / "pre_nobn.safetensors"
-    from tvq_lightning.store.io import save_safetensors
+    from tvq_lightning.store.st_stream import save_safetensors
 
     save_safetensors({k: v for k, v in load_state_dict(world.pre).items() if k != "bn.num_batches_tracked"}, pre)
     argv = [Q, "--pretrained", pre, "--finetuned", *fts, "--out", world.root / "s", "--quiet"]

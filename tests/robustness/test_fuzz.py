@@ -2,7 +2,9 @@
 
 Only designed errors may come out (:class:`~tvq_lightning.errors.TvqError` subclasses), never a
 crash, and nothing a crafted layout says may allocate beyond theta_0's shapes (a merge checks the
-layout against theta_0 first). ``make test`` runs a few examples per target (seconds); for a long
+layout against theta_0 first): the whole module runs under an address-space cap of the process's
+size at its start plus ``TVQ_FUZZ_HEADROOM_MB`` (default 1024), so an allocation a crafted file
+asks for ends in a ``MemoryError`` the test reports. ``make test`` runs a few examples per target (seconds); for a long
 run set ``TVQ_FUZZ_EXAMPLES`` (e.g. ``TVQ_FUZZ_EXAMPLES=5000 pytest tests/robustness/test_fuzz.py``).
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import shutil
 import struct
 
@@ -30,6 +33,37 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="TVQ_FUZZ_EXAM
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+
+
+HEADROOM = int(os.environ.get("TVQ_FUZZ_HEADROOM_MB", "1024")) << 20
+
+
+def _vm_size() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def address_space_cap(_world_src):
+    """Cap this process's address space (soft RLIMIT_AS) for the module; restored afterwards
+    (an unprivileged process may raise its soft limit back up to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_size() + HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield cap
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_the_cap_holds(address_space_cap):
+    """The cap is real: an allocation beyond the headroom fails instead of succeeding."""
+    with pytest.raises((MemoryError, RuntimeError), match="(?i)memory|alloc"):
+        torch.empty(HEADROOM * 2, dtype=torch.uint8).fill_(1)
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +205,10 @@ def test_fuzz_packed_codes(base, tmp_path_factory, data):
         n = data.draw(st.integers(0, 600))
         sd[key + suffix] = torch.randint(0, 255, (n,), dtype=torch.int64).to(dtype)
     path.unlink()
-    from tvq_lightning.store.io import save_safetensors
+    from tvq_lightning.store.st_stream import save_safetensors
 
     def save(d, p):  # save_safetensors writes float32; keep the drawn dtypes
-        from tvq_lightning.store.io import SafetensorsStreamWriter, header_upper_bound
+        from tvq_lightning.store.st_stream import SafetensorsStreamWriter, header_upper_bound
 
         with SafetensorsStreamWriter(p, header_upper_bound({k: ("F64", v.dim()) for k, v in d.items()}, 1 << 20)) as w:
             for k, v in d.items():

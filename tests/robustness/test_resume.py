@@ -6,7 +6,7 @@ batches per epoch), with a ModelCheckpoint every step added through ``--trainer.
 "sigkill": N steps uninterrupted, alongside N steps killed by a real SIGKILL at step k (the run
 is held there by :class:`_resume_helpers.PauseAt` until the test kills it) and then resumed to N
 with ``--ckpt_path last``; "checkpoint": N steps, then the same run resumed from its step-k
-checkpoint file to N again (a checkpoint does not depend on what the process did after writing
+checkpoint files (several k) to N again (a checkpoint does not depend on what the process did after writing
 it). The steps k are in an epoch after an epoch boundary and at an epoch's end.
 
 What makes this exact: the training loaders are resumable
@@ -31,11 +31,12 @@ from tvq_lightning.data import ToyTasks
 from tvq_lightning.data.multitask import ResumableLoader
 
 DATA = ["--data.init_args.test_size", "24", "--data.init_args.batch_size", "8", "--test_after_fit", "false"]
-# (name, config, total steps N, interruption step k, how); Tinting takes 2 optimizer steps per batch
+# (name, config, total steps N, interruption steps k, how); Tinting takes 2 optimizer steps per batch.
+# AdaMerging resumes twice from one uninterrupted run: at the end of epoch 0 (k = 3) and in epoch 1
+# after its first batch (k = 4); task-wise AdaMerging differs only in the coefficients' shape.
 CASES = [
-    ("adamerging_task", "adamerging_task", 8, 4, "checkpoint"),   # epoch 1, after its first batch
-    ("adamerging_layer", "adamerging_layer", 8, 3, "checkpoint"),  # the end of epoch 0
-    ("tinting", "tinting_tiny", 12, 8, "sigkill"),                 # epoch 1, after its first batch
+    ("adamerging_layer", "adamerging_layer", 8, (3, 4), "checkpoint"),
+    ("tinting", "tinting_tiny", 12, (8,), "sigkill"),   # epoch 1, after its first batch
 ]
 
 
@@ -112,29 +113,35 @@ def test_resumed_run_equals_uninterrupted(work, name, config, steps, at, how):
     # model's arguments from the checkpoint's hyper-parameters, not from the command line
     outputs = _outputs(config, name)
 
-    def command(max_steps: int, *args, pause: bool = False) -> list[str]:
-        callbacks = [H.checkpoint(ckpts, 1)] + ([H.pause(at, marker)] if pause else [])
+    def command(max_steps: int, pause_at: int | None, *args, pause: bool = False) -> list[str]:
+        callbacks = [H.checkpoint(ckpts, 1)] + ([H.pause(pause_at, marker)] if pause else [])
         return H.command(config, "--trainer.max_steps", max_steps, *DATA, *outputs, *args, callbacks=callbacks)
 
     if how == "sigkill":   # the uninterrupted run goes alongside (2 cores: the two take the time of one)
+        (k,) = at
         whole = H.start(work, H.command(config, "--trainer.max_steps", steps, "--trainer.enable_checkpointing", "false",
                                         *DATA, *_outputs(config, f"{name}-whole")))
         try:
-            _kill_at(work, command(steps, pause=True), marker)
-            H.tvq(work, command(steps, "--ckpt_path", "last"))
+            _kill_at(work, command(steps, k, pause=True), marker)
+            H.tvq(work, command(steps, k, "--ckpt_path", "last"))
             H.finish(whole)
         finally:
             whole.kill()
         ref = _saved(work / f"{name}-whole")
-    else:                  # resume the uninterrupted run from its checkpoint at step `at`
-        H.tvq(work, command(steps))
-        ref = _saved(work / name)
+        _check(ckpts, ref, _saved(work / name), k, steps, config)
+        return
+    H.tvq(work, command(steps, None))   # resume the uninterrupted run from its checkpoint at each step k
+    ref = _saved(work / name)
+    for k in at:
         shutil.rmtree(work / name)
-        H.tvq(work, command(steps, "--ckpt_path", ckpts / f"step={at}.ckpt"))
+        H.tvq(work, command(steps, None, "--ckpt_path", ckpts / f"step={k}.ckpt"))
+        _check(ckpts, ref, _saved(work / name), k, steps, config)
+
+
+def _check(ckpts, ref: dict, resumed: dict, at: int, steps: int, config: str) -> None:
     assert torch.load(ckpts / f"step={at}.ckpt", map_location="cpu", weights_only=True)["global_step"] == at
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == steps
-    resumed = _saved(work / name)
     assert not torch.equal(ref["coefficients"], torch.full_like(ref["coefficients"], 0.3))   # they trained
     assert sorted(ref) == sorted(resumed) and len(ref) == (5 if config == "tinting_tiny" else 1)
     for k, v in ref.items():
-        assert torch.equal(v, resumed[k]), (k, (v - resumed[k]).abs().max())
+        assert torch.equal(v, resumed[k]), (k, at, (v - resumed[k]).abs().max())

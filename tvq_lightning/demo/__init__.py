@@ -59,6 +59,18 @@ def _bar(items, desc: str, show: bool):
 SUITES = ("all", "classification", "dense")
 
 
+def is_demo_output(path: Path) -> bool:
+    """Whether directory ``path`` is one ``tvq demo`` wrote (it holds the demo's ``report.json``)
+    or is empty: only those are replaced by a new run, anything else is refused."""
+    try:
+        if not any(path.iterdir()):
+            return True
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "timings" in report and "machine" in report
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig | None = None,
              clip_dir: str | Path | None = None, progress: bool = True, suite: str = "all",
              dense_cfg=None) -> dict:
@@ -73,7 +85,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
         raise TvqError(f"suite={suite!r}: choose one of {', '.join(SUITES)}")
     cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
     out = Path(out)
-    with _quiet_lightning(), staged_directory(out, overwrite=True) as stage:
+    with _quiet_lightning(), staged_directory(out, overwrite=True, replaceable=is_demo_output,
+                                                          what="demo output") as stage:
         from .report import machine, write_report
 
         if suite == "dense":

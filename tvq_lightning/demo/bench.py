@@ -22,7 +22,7 @@ from ..data.embedded.generate import TASKS_VERSION, cache_dir
 from ..models.heads import ClassificationHead
 from ..models.tiny_clip import TinyClip, load_tiny_clip
 from ..models.zeroshot import zeroshot_heads
-from ..store.io import save_safetensors
+from ..store.st_stream import save_safetensors
 from .config import DemoConfig
 
 Split = tuple[Tensor, Tensor]

@@ -24,8 +24,8 @@ from ..quant.packing import pack_codes, packed_nbytes, unpack_codes
 from ..store.checkpoints import open_checkpoint
 from ..store.fingerprint import fingerprint_state_dict
 from ..store.export import is_tvq_safetensors
-from ..store.io import (SafetensorsStreamWriter, atomic_write_json, check_output, clean_stale, header_upper_bound,
-                        output_errors, staged_directory)
+from ..store.io import atomic_write_json, check_output, clean_stale, output_errors, staged_directory
+from ..store.st_stream import SafetensorsStreamWriter, header_upper_bound
 from ..store.sources import open_source
 from .base import PerTaskDelta
 from .engine import MergePlan, iter_merged

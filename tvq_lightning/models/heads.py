@@ -48,6 +48,6 @@ class ClassificationHead(nn.Module):
         return cls(sd["weight"], sd.get("bias"))
 
     def save(self, path: str | Path) -> None:
-        from ..store.io import save_safetensors
+        from ..store.st_stream import save_safetensors
 
         save_safetensors({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}, path)

@@ -180,6 +180,15 @@ class AdaMerging(MultiTaskEvalMixin, pl.LightningModule):
         """The merged encoder weights for the current coefficients (one merge; see merge_fn)."""
         return merged_params(self.packed, base_tensors(self.model.encoder), self.lambdas())
 
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The whole merged encoder (detached): :meth:`merged_params` over the encoder's own
+        tensors, whose BatchNorm buffers hold the ``bn_stats`` policy's statistics. What another
+        copy of the encoder needs to compute the adapted model (``merged_params`` alone leaves out
+        the keys it does not merge, BatchNorm statistics under every policy but "merged")."""
+        with torch.no_grad():
+            return {**{k: v.detach() for k, v in base_tensors(self.model.encoder).items()},
+                    **{k: v.detach() for k, v in self.merged_params().items()}}
+
     def unlabelled_inputs(self, batch) -> list[Tensor]:
         """Every task's inputs of a training batch ``{task: (indices, inputs) or inputs}``, in task order."""
         return [self.task_types[t].unlabelled(batch[t])[1] for t in self.tasks]

@@ -258,7 +258,7 @@ def _unpickling_failed(path: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path} pickles objects whose {missing} cannot be imported here; install the package that provides it "
         "(or put its directory on PYTHONPATH), or convert the checkpoint to .safetensors where it loads "
-        "(tvq_lightning.store.io.save_safetensors(load_state_dict(path, allow_pickle=True), out))")
+        "(tvq_lightning.store.st_stream.save_safetensors(load_state_dict(path, allow_pickle=True), out))")
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 from ..errors import StoreError
-from .io import SafetensorsStreamWriter, check_output, clean_stale, header_upper_bound, output_errors
+from .io import check_output, clean_stale, output_errors
+from .st_stream import SafetensorsStreamWriter, header_upper_bound
 from .reader import TaskVectorStore
 from .sources import open_source
 

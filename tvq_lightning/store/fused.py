@@ -9,7 +9,7 @@ which is therefore read from memory once for all tasks:
 1. range: min, max and finiteness of ``theta_t - theta_0`` per task (:func:`.fused_kernels.ranges`);
 2. codes: ``theta_t - theta_0`` formed again, quantized and packed (:func:`.fused_kernels.codes`)
    into a staging buffer, and written with ``pwrite`` at the key's place in each task file
-   (:meth:`~.io.SafetensorsStreamWriter.reserve`).
+   (:meth:`~.st_stream.SafetensorsStreamWriter.reserve`).
 
 Forming the difference twice costs less than storing it: per task the passes stream theta_t twice,
 where subtract-store-reload moves about five times its size. The key is cut into one part per
@@ -36,7 +36,7 @@ from .checkpoints import LazyStateDict
 from .encode import non_finite, task_vector_into
 from .fingerprint import crc32, entry_with_crc
 from .fused_kernels import codes, ranges, task_vectors
-from .io import SafetensorsStreamWriter
+from .st_stream import SafetensorsStreamWriter
 from .layout import KeyInfo, StoreConfig
 from .sources import Source
 

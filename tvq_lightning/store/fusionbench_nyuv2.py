@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError, IncompatibleWeights
 from .checkpoints import load_state_dict
-from .io import save_safetensors
+from .st_stream import save_safetensors
 from .layout import StoreConfig
 from .writer import quantize_to_store
 

@@ -1,7 +1,7 @@
 """Building a store and adding tasks to it, streaming key by key.
 
 Memory holds one key of the pre-trained model and (RTVQ) that key's T task vectors at a time;
-each task file is written tensor by tensor (:class:`~.io.SafetensorsStreamWriter`). A new store
+each task file is written tensor by tensor (:class:`~.st_stream.SafetensorsStreamWriter`). A new store
 is assembled in a staging directory and moved into place when complete; adding tasks writes new
 files and then atomically replaces ``layout.json``, so an interrupted run leaves the store as it
 was.
@@ -24,8 +24,8 @@ from ..quant.kernels import parallel_map
 from . import fused
 from .encode import encode_joint, encode_single, scratch, task_vector_into
 from .fingerprint import combine_entries, tensor_entry
-from .io import (SafetensorsStreamWriter, atomic_write_json, check_output, clean_stale, header_upper_bound, output_errors,
-                 staged_directory)
+from .io import atomic_write_json, check_output, clean_stale, output_errors, staged_directory
+from .st_stream import SafetensorsStreamWriter, header_upper_bound
 from .layout import LAYOUT_FILE, KeyInfo, Layout, StoreConfig, TaskInfo, is_store
 from .reader import TaskVectorStore
 from .sources import Source, WeightsLike, check_compatible, check_task_name, floating_keys, open_source

@@ -47,8 +47,7 @@ def adapt(method: str, ev: DenseEvaluator, store: Path, out: Path, base: Metrics
     torch.manual_seed(cfg.seed)
     quiet_trainer(steps).fit(module, ev.bench.datamodule(batch_size=cfg.adapt_batch))
     module.eval()
-    with torch.no_grad():
-        params = {k: v.detach() for k, v in module.merged_params().items()}
+    params = module.merged_state_dict()   # with the policy's BatchNorm statistics
     res, preds = ev.metrics(lambda t: params, "test", heads=dict(module.model.heads.items()), keep=keep)
     lam = module.lambdas().detach()
     return cell(res, ev, base, steps=steps, coefficients_mean=float(lam.mean()),

@@ -22,7 +22,7 @@ from ...callbacks.quantize_on_save import QuantizeOnSave
 from ...data.scenes import OUT_CHANNELS, SceneTasks, load_scene_encoder
 from ...models.dense import DenseEncoder, DenseHead
 from ...modules.finetune import FineTuneModule
-from ...store.io import save_safetensors
+from ...store.st_stream import save_safetensors
 from ..config import PER_TASK_SCHEMES, SCHEMES
 from ..finetune import quiet_trainer
 from .config import DenseDemoConfig
