@@ -62,16 +62,36 @@ def test_dense_report_schema(dense_demo):
 def test_dense_findings_and_files(dense_demo):
     out, report = dense_demo
     claims = [f["claim"] for f in report["dense"]["findings"]]
-    assert len(claims) == 7
+    assert len(claims) == 8
     for f in report["dense"]["findings"]:
         assert set(f) == {"claim", "value", "holds"} and isinstance(f["holds"], bool)
-    for key in ("TVQ-INT4 within 1 %", "TVQ-INT2 worse", "RTVQ B3O2 better", "dense adaptation", "θ0 with trained"):
+    for key in ("TVQ-INT4 within 1 %", "TVQ-INT2 worse", "RTVQ B3O2 better", "RTVQ B3O2 at <= 8 %", "dense adaptation",
+                "θ0 with trained"):
         assert any(key in c for c in claims), key
     for name in ("dense_delta_m", "dense_segmentation", "dense_depth", "dense_normal"):
         png = out / "dense" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = (out / "report.md").read_text()
     assert "# Dense suite" in md and "Dense findings" in md and '"mean"' in md
+
+
+def _cell(dm: float) -> dict:
+    return {"delta_m": dm, "per_task": {"segmentation": {"miou": 50.0}}}
+
+
+@pytest.mark.parametrize("tasks, ratio, holds", [(3, 0.0968, False), (8, 0.0767, True)])
+def test_rtvq_bytes_finding_states_the_bit_count_theory(tasks, ratio, holds):
+    from tvq_lightning.demo.dense.report import findings
+
+    section = {"tasks": ["segmentation"] * tasks, "storage": {"rtvq_b3o2": {"ratio_to_fp32": ratio}},
+               "results": {"individual": {"rtvq_b3o2": _cell(-4.0), "tvq2": _cell(-8.0)},
+                           "task_arithmetic": {"rtvq_b3o2": _cell(-20.0), "tvq2": _cell(-13.0)}}}
+    got = {f["claim"]: f for f in findings(section)}
+    assert got["RTVQ B3O2 better than TVQ-INT2 (individual, Δm)"]["holds"]
+    assert not got["RTVQ B3O2 better than TVQ-INT2 (task_arithmetic, Δm)"]["holds"]
+    size = got["RTVQ B3O2 at <= 8 % of the fp32 bytes"]
+    assert size["holds"] is holds
+    assert f"{100 * (3 + 2 * tasks) / (32 * tasks):.2f} %" in size["value"]
 
 
 def test_dense_config_checks():
