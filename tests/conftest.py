@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # steal each other's time slices and every small quantize/dequantize call costs ~20-40 ms instead
 # of ~0.5 ms. Passive waiting removes the contention; it must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the CLI fixes glibc's mmap threshold for streaming memory (tvq_lightning/runtime.py); called
+# in-process by many tests, it would make every later training test about twice as slow
+os.environ.setdefault("TVQ_MMAP_THRESHOLD", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

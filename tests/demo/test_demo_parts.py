@@ -162,3 +162,29 @@ def test_cli_set_error_is_one_line(capsys):
     assert main(["demo", "--quick", "--set", "nope=1", "--out", "unused"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope=1" in err[0]
+
+
+def test_demo_runs_both_suites_by_default(monkeypatch, tmp_path):
+    """`tvq demo` (what `make demo` runs) asks run_demo for suite "all": classification, then dense."""
+    import functools
+    from dataclasses import replace
+
+    import tvq_lightning.demo as demo
+    from tvq_lightning.demo.dense import DenseDemoConfig
+    from tvq_lightning.cli.main import main
+
+    seen = {}
+
+    @functools.wraps(demo.run_demo)   # the options are read off run_demo's signature
+    def record(out, **kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(demo, "run_demo", record)
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    assert seen["suite"] == "all"
+    assert seen["dense_cfg"] == DenseDemoConfig.quick()
+    # the dense suite's settings: --dense_set, typed like --set
+    assert main(["demo", "--dense_set", "finetune_batch=12", "tinting_steps=5", "--out", str(tmp_path / "o")]) == 0
+    assert seen["dense_cfg"] == replace(DenseDemoConfig(), finetune_batch=12, tinting_steps=5)
+    assert main(["demo", "--dense_set", "finetune_batch=1.5", "--out", str(tmp_path / "o")]) == 2

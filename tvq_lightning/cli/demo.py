@@ -25,11 +25,14 @@ def build_parser(first: Namespace | None = None) -> OptionsParser:
         "quick": "three tasks, small splits, few steps (used by the tests); the defaults below become DemoConfig.quick()'s",
         "clip_dir": "a tiny CLIP folder (config.json + weights.safetensors); default: the one shipped in the package",
         "progress": "progress bars"})
-    p.option("suite", Literal["all", "classification", "dense"], "classification", "which demo (default classification; dense is in progress, see docs): all (classification, then dense), classification, or dense "
-             "(rendered scenes; its settings are DenseDemoConfig's, DenseDemoConfig.quick()'s with --quick)")
+    p.option("suite", Literal["all", "classification", "dense"], "all", "which benchmarks: all (classification, then "
+             "dense), classification, or dense (rendered scenes; its settings are DenseDemoConfig's, "
+             "DenseDemoConfig.quick()'s with --quick)")
     p.option("set", str, [], "change DemoConfig settings as KEY=VALUE (sequences comma-separated), e.g. "
              "--set finetune_steps=150 tinting_epochs=500 budget_sensitivity=uniform", nargs="+", action="extend",
              metavar="KEY=VALUE")
+    p.option("dense_set", str, [], "change DenseDemoConfig settings (the dense suite) as KEY=VALUE, e.g. "
+             "--dense_set finetune_steps=200 tinting_steps=80", nargs="+", action="extend", metavar="KEY=VALUE")
     base = DemoConfig.quick() if first is not None and first.get("quick") else DemoConfig()
     p.add_options(DemoConfig, defaults=asdict(base), title="DemoConfig settings")
     return p
@@ -39,6 +42,12 @@ def main(argv: Sequence[str]) -> int:
     from ..demo import DemoConfig, run_demo
 
     ns = parse_two_pass(argv, build_parser)
+    from ..demo.dense import DenseDemoConfig
+    from .options import apply_overrides
+
     cfg = build_dataclass(DemoConfig, ns).with_overrides(ns.set)
-    run_demo(ns.out, quick=bool(ns.quick), cfg=cfg, clip_dir=ns.clip_dir, progress=ns.progress, suite=ns.suite)
+    dense = DenseDemoConfig.quick() if ns.quick else DenseDemoConfig()
+    dense = apply_overrides(dense, ns.dense_set, exclude=("adapt_runs",))
+    run_demo(ns.out, quick=bool(ns.quick), cfg=cfg, clip_dir=ns.clip_dir, progress=ns.progress, suite=ns.suite,
+             dense_cfg=dense)
     return 0

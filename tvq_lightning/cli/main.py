@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    configure_allocator()  # streaming passes return freed tensors' memory to the OS (see runtime.py)
+    if not argv or argv[0] != "demo":   # streaming passes return freed tensors' memory to the OS;
+        configure_allocator()           # the demo's training would pay for it twice (runtime.py)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return _quiet_on_broken_pipe(run_lightning, argv)
     if argv and argv[0] in CONFIG_COMMANDS:

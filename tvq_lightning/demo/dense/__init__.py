@@ -9,7 +9,7 @@ Phases (each timed in ``report.json["dense"]["timings"]``):
 3. ``stores``: TVQ-INT2, RTVQ B3O2 and BitDelta from the FP32 store; bytes, reconstruction errors;
 4. ``merge``: individual models, θ0 + trained decoders, every data-free method on the encoder
    (BatchNorm statistics: the experts' mean), λ chosen on validation with the FP32 store;
-5. ``adapt``: layer-wise AdaMerging and Tinting++ (tinted decoders) on the FP32 store;
+5. ``adapt``: layer-wise AdaMerging and Model Tinting (tinted decoders) on the FP32 store;
 6. ``report``: findings, ``dense_delta_m.png`` and one picture grid per task.
 """
 from __future__ import annotations
@@ -85,12 +85,12 @@ def run_dense(cfg: DenseDemoConfig, out: Path, show: bool = True) -> dict:
 
     lam = results.get("task_arithmetic", {}).get("fp32", {}).get("value") or 0.3
     runs = [(m, s) for m, s in cfg.adapt_runs if s in stores and m in ADAPTIVE]
-    for method, scheme in _bar(runs, "adapt (AdaMerging, Tinting++)", show):
+    for method, scheme in _bar(runs, "adapt (AdaMerging, Model Tinting)", show):
         c, preds = adapt(method, ev, stores[scheme], out / "adapt" / scheme, base["test"], lam,
                          keep=cfg.picture_rows if scheme == "fp32" else 0)
         results.setdefault(method, {})[scheme] = c
         if preds:
-            pictures["adapted"] = preds   # the last run shown (Tinting++ when it runs)
+            pictures["adapted"] = preds   # the last run shown (Model Tinting when it runs)
     lap("adapt")
 
     section = {"tasks": bench.tasks, "results": results, "storage": storage, "diagnostics": diagnostics,

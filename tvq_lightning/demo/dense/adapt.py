@@ -3,9 +3,10 @@
 - ``adamerging_layer``: layer-wise AdaMerging (one coefficient per store key and task); depth and
   normals have no entropy, so their objective is the loss against each expert's cached predictions
   (``adapts_to_expert``), segmentation's the pixel entropy;
-- ``tinting``: Model Tinting++ with the task-specific layer ``cfg.tint`` (``"head"``: the whole
+- ``tinting``: Model Tinting with the task-specific layer ``cfg.tint`` (``"head"``: the whole
   task decoder, initialised from the fine-tuned one) trained with the layer-wise coefficients against
-  each expert's (θ0 + τ_t, its decoder) cached predictions, confidence-based sampling per pixel.
+  each expert's (θ0 + τ_t, its decoder) cached predictions; Tinting++'s confidence-based sampling
+  per pixel when ``cfg.tinting_confidence_sampling``.
 
 Both are the project's LightningModules (``Trainer.fit`` on the unlabelled test images of
 ``SceneTasks``), the BatchNorm statistics policy ``cfg.bn_stats``, coefficients initialised at task
@@ -34,7 +35,8 @@ def _module(method: str, ev: DenseEvaluator, store: Path, out: Path, init: float
                   task_types={t: t for t in bench.tasks}, bn_stats=cfg.bn_stats,
                   coefficients_out=str(out / f"{method}.coefficients.json"))
     if method == "tinting":
-        return Tinting(bench.encoder(), str(store), tint=cfg.tint, confidence_sampling=True, lr=cfg.tinting_lr,
+        return Tinting(bench.encoder(), str(store), tint=cfg.tint, confidence_sampling=cfg.tinting_confidence_sampling,
+                       lr=cfg.tinting_lr,
                        step_mode="joint", seed=cfg.seed, **common), cfg.tinting_steps
     return AdaMerging(bench.encoder(), str(store), lr=cfg.adamerging_lr, **common), cfg.adamerging_steps
 

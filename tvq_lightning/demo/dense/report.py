@@ -64,7 +64,8 @@ def findings(section: dict) -> list[dict]:
     if ta and adapted:
         best_m, best = max(adapted, key=lambda p: p[1]["delta_m"])
         gain = best["delta_m"] - ta["delta_m"]
-        claim("dense adaptation (AdaMerging or Tinting++) improves Δm over task arithmetic by >= 5 points",
+        tint = "Tinting++" if section.get("config", {}).get("tinting_confidence_sampling") else "Model Tinting"
+        claim(f"dense adaptation (AdaMerging or {tint}) improves Δm over task arithmetic by >= 5 points",
               f"{best_m} {gain:+.2f} (" + ", ".join(f"{m} {c['delta_m'] - ta['delta_m']:+.2f}" for m, c in adapted) + ")",
               gain >= 5.0)
     p0 = get("pretrained_decoders", "fp32")
