@@ -109,7 +109,6 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
     from dataclasses import asdict
 
     from ..store.reader import TaskVectorStore
-    from ..store.summary import summarize
     from .adapt import ADAPTIVE, adapt
     from .bench import prepare
     from .evaluate import (
@@ -117,6 +116,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         quantization_error,
         range_ratio,
         result,
+        storage_entry,
         task_vector_cosine,
     )
     from .finetune import build_joint_stores, finetune_task
@@ -144,9 +144,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
     storage, diagnostics = {}, {}
     for s, path in stores.items():
         st = TaskVectorStore(path)
-        summ = summarize(st)
-        storage[s] = {"bytes": int(summ["bytes_on_disk"]), "ratio_to_fp32": float(summ["ratio_to_fp32"]),
-                      "bits_per_param": float(summ["bits_per_param"]), "label": summ["scheme"]}
+        storage[s] = storage_entry(st)
         alloc = st.layout.allocation
         if alloc:
             storage[s]["allocation"] = {k: alloc[k] for k in ("bits", "base_bits", "offset_bits") if k in alloc}

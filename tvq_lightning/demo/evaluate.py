@@ -74,6 +74,15 @@ def individual_models(store: TaskVectorStore, pretrained: Mapping[str, Tensor], 
     return out
 
 
+def storage_entry(store: TaskVectorStore) -> dict:
+    """A store's line of the report's ``storage``: bytes on disk, ratio to fp32, bits, scheme label."""
+    from ..store.summary import summarize
+
+    summ = summarize(store)
+    return {"bytes": int(summ["bytes_on_disk"]), "ratio_to_fp32": float(summ["ratio_to_fp32"]),
+            "bits_per_param": float(summ["bits_per_param"]), "label": summ["scheme"]}
+
+
 def quantization_error(store: TaskVectorStore, exact: TaskVectorStore, pretrained: Mapping[str, Tensor],
                        tasks: Sequence[str]) -> float:
     """``||τ̂ − τ|| / ||τ||`` over every task and every tensor the store quantizes."""

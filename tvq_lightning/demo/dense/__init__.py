@@ -35,9 +35,8 @@ def run_dense(cfg: DenseDemoConfig, out: Path, show: bool = True) -> dict:
     import torch
 
     from ...store.reader import TaskVectorStore
-    from ...store.summary import summarize
     from ..config import SCHEMES
-    from ..evaluate import quantization_error, range_ratio, task_vector_cosine
+    from ..evaluate import quantization_error, range_ratio, storage_entry, task_vector_cosine
     from ..finetune import build_joint_stores
     from .adapt import ADAPTIVE, adapt
     from .evaluate import DenseEvaluator, merge_all
@@ -63,9 +62,7 @@ def run_dense(cfg: DenseDemoConfig, out: Path, show: bool = True) -> dict:
     storage, diagnostics = {}, {}
     for s, path in stores.items():
         st = TaskVectorStore(path)
-        summ = summarize(st)
-        storage[s] = {"bytes": int(summ["bytes_on_disk"]), "ratio_to_fp32": float(summ["ratio_to_fp32"]),
-                      "bits_per_param": float(summ["bits_per_param"]), "label": summ["scheme"]}
+        storage[s] = storage_entry(st)
         diagnostics[s] = {"rel_l2_error": quantization_error(st, exact, pre, bench.tasks)}
         st.close()
     ref = TaskVectorStore(stores["tvq4" if "tvq4" in stores else "fp32"])
