@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.tvq-installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[zoo,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[zoo,hf,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,7 @@ from _demo_helpers import isolated_cache
 from tvq_lightning.demo.bench import prepare
 from tvq_lightning.demo.config import MERGE_METHODS, SCHEMES, DemoConfig
 from tvq_lightning.demo.finetune import build_joint_stores, finetune_task, task_sensitivities
-from tvq_lightning.demo.merges import _scaled, merged_models
+from tvq_lightning.sweep.core import merged_models, scaled
 from tvq_lightning.demo.report import findings
 from tvq_lightning.errors import TvqError
 from tvq_lightning.store.layout import StoreConfig
@@ -38,12 +38,12 @@ def test_scaling_sweep_equals_merging_at_each_value(bench_and_stores, method):
     """Every method swept over ``scaling`` is θ0 + scaling * delta: scaling the unit merge is exact."""
     bench, stores, _ = bench_and_stores
     store = TaskVectorStore(stores["tvq4"])
-    unit = merged_models(store, bench, method, {"scaling": 1.0})
+    unit = merged_models(store, bench.pretrained_path, bench.tasks, method, {"scaling": 1.0})
     for lam in (0.3, 0.7):
-        direct = merged_models(store, bench, method, {"scaling": lam})(TASKS[0])
-        scaled = _scaled(unit, bench.pretrained(), lam)(TASKS[0])
+        direct = merged_models(store, bench.pretrained_path, bench.tasks, method, {"scaling": lam})(TASKS[0])
+        fast = scaled(unit, bench.pretrained(), lam)(TASKS[0])
         for k, v in direct.items():
-            torch.testing.assert_close(scaled[k], v, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(fast[k], v, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ TINY_CLIP = {"embed_dim": 32,
 
 
 def test_registry_lists_every_kind():
-    assert list_encoders() == ["module", "open_clip", "smp", "timm", "tiny"]
+    assert list_encoders() == ["hf_clip", "module", "open_clip", "smp", "timm", "tiny"]
     with pytest.raises(TvqError, match="unknown encoder kind 'nope'.*open_clip"):
         create_encoder("nope")
 

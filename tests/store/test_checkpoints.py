@@ -150,8 +150,8 @@ def test_unknown_extension_sniffs_format(tmp_path):
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such file; check the path"):
         open_checkpoint(tmp_path / "nope.safetensors")
-    with pytest.raises(CheckpointError, match="is a directory"):
-        open_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no weights: looked for model.safetensors"):
+        open_checkpoint(tmp_path)     # a directory is read as a model folder
 
 
 # --------------------------------------------------------------------------- torch formats
@@ -217,18 +217,20 @@ def test_pickled_module_needs_allow_pickle(tmp_path):
     lin = torch.nn.Linear(3, 2)
     path = tmp_path / "finetuned.pt"
     torch.save(lin, path)
-    with pytest.raises(CheckpointError, match="pickled Python objects.*allow-pickle") as ei:
+    with pytest.raises(CheckpointError, match="pickled Python objects.*allow-pickle.*allow-list") as ei:
         open_checkpoint(path)
     assert str(path) in str(ei.value) and "\n" not in str(ei.value)
-    sd = load_state_dict(path, allow_pickle=True)
-    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], lin.weight.detach())
-    assert not sd["weight"].requires_grad
+    for opt_in in ({"allow_pickle": True}, {"trust_pickle_code": True}):  # the allow-list, or torch.load
+        sd = load_state_dict(path, **opt_in)
+        assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], lin.weight.detach())
+        assert not sd["weight"].requires_grad
 
 
 @pytest.mark.parametrize("gone", ["module", "class"])
 def test_pickled_module_whose_code_is_missing_names_it(tmp_path, monkeypatch, gone):
-    """With --allow-pickle, a checkpoint pickling a class this interpreter cannot import names the
-    missing module (or class) and the fixes, instead of asking to "re-export" it."""
+    """A class outside the allow-list is refused by --allow-pickle, naming it; with --trust-pickle-code
+    (torch.load, code from the file runs), a class this interpreter cannot import names the missing
+    module (or class) and the fixes, instead of asking to "re-export" it."""
     import importlib
     import sys
 
@@ -246,8 +248,10 @@ def test_pickled_module_whose_code_is_missing_names_it(tmp_path, monkeypatch, go
     else:
         (code / "tvq_test_nets.py").write_text("X = 1\n")
         needle = "class tvq_test_nets.Net"
-    with pytest.raises(CheckpointError) as ei:
+    with pytest.raises(CheckpointError, match="'tvq_test_nets.Net' is not an allowed class; the file was not loaded"):
         load_state_dict(path, allow_pickle=True)
+    with pytest.raises(CheckpointError) as ei:
+        load_state_dict(path, trust_pickle_code=True)
     msg = str(ei.value)
     assert needle in msg and "PYTHONPATH" in msg and ".safetensors" in msg and str(path) in msg, msg
     assert "re-export" not in msg and "\n" not in msg

@@ -10,7 +10,11 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=None,
                    help="keep only keys under this prefix and strip it (e.g. model. or model.encoder. for Lightning .ckpt)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="allow checkpoints that are pickled Python objects (loading them runs code from the file)")
+                   help="accept checkpoints that are pickled modules (task_vectors' finetuned.pt); they load through "
+                        "an allow-list of classes and no code from the file runs")
+    p.add_argument("--trust-pickle-code", action="store_true",
+                   help="unpickle checkpoints with plain torch.load, which RUNS CODE FROM THE FILE (needs its classes "
+                        "importable); only for files you trust that --allow-pickle refuses")
 
 
 def parse_named_paths(items: list[str], flag: str) -> dict[str, str]:

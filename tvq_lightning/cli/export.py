@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.finetuned_weights and not args.pretrained:
         raise TvqError("--finetuned-weights needs --pretrained PATH (the weights the task vector is added to)")
     n = export_task(args.store, args.task, args.out, pretrained=args.pretrained, finetuned_weights=args.finetuned_weights,
-                    prefix=args.prefix, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+                    prefix=args.prefix, allow_pickle=args.allow_pickle, trust_pickle_code=args.trust_pickle_code,
+                    overwrite=args.overwrite)
     what = "fine-tuned weights" if args.finetuned_weights else "task vector"
     print(f"wrote the {what} of {args.task!r} to {Path(args.out)} ({n:,} bytes)")
     return 0

@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .. import __version__  # noqa: E402
 from ..errors import TvqError  # noqa: E402
 from ..runtime import configure_allocator  # noqa: E402
-from . import demo, export, inspect, merge, quantize  # noqa: E402
+from . import convert, demo, export, heads, inspect, merge, quantize, sweep  # noqa: E402
 
 # The LightningCLI sub-commands (tvq_lightning.cli.lightning, imported only when one runs: importing
 # Lightning takes seconds the store commands should not pay).
@@ -43,9 +43,9 @@ def run_lightning(argv: Sequence[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"inspect": inspect, "export": export}
+COMMANDS = {"inspect": inspect, "export": export, "convert": convert}
 #: jsonargparse commands: ``module.main(argv)`` parses the rest of the command line itself
-CONFIG_COMMANDS = {"quantize": quantize, "merge": merge, "demo": demo}
+CONFIG_COMMANDS = {"quantize": quantize, "merge": merge, "demo": demo, "sweep": sweep, "heads": heads}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,9 +49,12 @@ def build_parser(first: Namespace | None = None) -> OptionsParser:
              help="the merged state dict, or a directory for per-task methods")
     p.option("overwrite", bool, False, "replace --out if it exists")
     p.option("quiet", bool, False, "no progress bar")
-    p.add_options(plan_merge, only=("prefix", "allow_pickle", "verify"), help={
+    p.add_options(plan_merge, only=("prefix", "allow_pickle", "trust_pickle_code", "verify"), help={
         "prefix": "keep only keys under this prefix and strip it (e.g. model. for a Lightning .ckpt)",
-        "allow_pickle": "allow checkpoints that are pickled Python objects (loading them runs code from the file)",
+        "allow_pickle": "accept a theta_0 that is a pickled module (task_vectors' zeroshot.pt); it loads through an "
+                        "allow-list of classes and no code from the file runs",
+        "trust_pickle_code": "unpickle theta_0 with plain torch.load, which RUNS CODE FROM THE FILE; only for a file "
+                             "you trust that --allow-pickle refuses",
         "verify": "check every stored tensor's CRC-32 on first read (--no-verify skips it for a trusted store)"})
     if first is None:  # first pass: every method's options, to find --method wherever it is given
         for name, tp in _all_method_options().items():
@@ -93,7 +96,8 @@ def run(ns: Namespace) -> int:
     options = {name: ns[name] for name in names}
     out = Path(ns.out)
     plan = plan_merge(ns.store, ns.pretrained, method, tasks=ns.tasks, device=check_device(ns.device), prefix=ns.prefix,
-                      allow_pickle=ns.allow_pickle, progress=not ns.quiet, verify=ns.verify, **options)
+                      allow_pickle=ns.allow_pickle, trust_pickle_code=ns.trust_pickle_code, progress=not ns.quiet,
+                      verify=ns.verify, **options)
     if plan.merger.per_task:
         if out.suffix == ".safetensors":
             raise TvqError(f"{method} gives one model per task: --out must be a directory, not {out}")

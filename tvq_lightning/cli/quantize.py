@@ -59,7 +59,8 @@ def build_parser(first: Namespace | None = None) -> OptionsParser:
     store = _store_dir(first)
     p.add_options(StoreConfig, choices=CHOICES, title="store settings (StoreConfig)",
                   defaults=None if store is None else asdict(read_layout(store).config))
-    p.add_options(quantize_to_store, only=("rtvq_base", "overwrite", "prefix", "allow_pickle"), title="writing")
+    p.add_options(quantize_to_store, only=("rtvq_base", "overwrite", "prefix", "pretrained_prefix", "finetuned_prefix",
+                                           "allow_pickle", "trust_pickle_code"), title="writing")
     p.option("quiet", bool, False, "no progress bar")
     return p
 
@@ -79,7 +80,9 @@ def run(ns: Namespace | Any) -> int:
         if cfg != store_cfg:
             raise TvqError(f"store {out} holds {store_cfg.label} task vectors; options {cfg.label} differ: drop them to add tasks with the store's settings, or choose another --out")
     t0 = time.perf_counter()
-    layout = quantize_to_store(ns.pretrained, finetuned, out, cfg, prefix=ns.prefix, allow_pickle=ns.allow_pickle,
+    layout = quantize_to_store(ns.pretrained, finetuned, out, cfg, prefix=ns.prefix,
+                               pretrained_prefix=ns.pretrained_prefix, finetuned_prefix=ns.finetuned_prefix,
+                               allow_pickle=ns.allow_pickle, trust_pickle_code=ns.trust_pickle_code,
                                overwrite=ns.overwrite, rtvq_base=ns.rtvq_base, progress=not ns.quiet)
     dt = time.perf_counter() - t0
     verb = "added" if store is not None else "stored"

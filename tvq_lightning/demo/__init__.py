@@ -120,8 +120,8 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         task_vector_cosine,
     )
     from .finetune import build_joint_stores, finetune_task
-    from .config import MERGE_METHODS
-    from .merges import merge_all
+    from ..sweep.backends import EmbeddedBackend
+    from ..sweep.core import MERGE_METHODS, run_cells
     from .report import machine
 
     timer = PhaseTimer()
@@ -159,7 +159,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
 
     full = [s for s in stores if s in cfg.all_methods_schemes]
     bar = _bar(range(len(full) * len(MERGE_METHODS) + len(stores) - len(full)), "merge (λ on validation)", show)
-    results.update(merge_all(stores, bench, ev, progress=lambda _: bar.update(1)))
+    results.update(run_cells(stores, EmbeddedBackend(bench, ev), cfg.plan(), progress=lambda _: bar.update(1)))
     bar.close()
     analysis = {"task_arithmetic_loss": _ta_loss(bench, ev, exact, results)}
     lap("merge")

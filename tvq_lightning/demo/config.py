@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from ..data.embedded import TASK_NAMES
 from ..errors import TvqError
 from ..store.layout import StoreConfig
+from ..sweep.core import MERGE_METHODS, SweepPlan  # noqa: F401  (the demo runs the sweep's default methods)
 
 #: report name -> the store it names (the budget store: RTVQ, (b_base, b_off) per tensor chosen by
 #: the allocator for 2.5 bits per parameter per task, weighted by DemoConfig.budget_sensitivity)
@@ -26,11 +27,6 @@ SCHEMES: dict[str, StoreConfig] = {
 #: the FP32 store's exact task vectors with one quantize_to_store call each (RTVQ's shared base and
 #: the budget's joint allocation need every task at once anyway)
 PER_TASK_SCHEMES = ("fp32", "tvq4")
-#: the data-free merging methods, and the option swept on validation (None: the method's defaults)
-MERGE_METHODS: dict[str, str | None] = {
-    "task_arithmetic": "scaling", "ties": "scaling", "emr": None, "consensus": "scaling", "lines": "alpha",
-    "magmax": "scaling", "breadcrumbs": "scaling",
-}
 
 
 @dataclass(frozen=True)
@@ -82,6 +78,11 @@ class DemoConfig:
         from ..cli.options import apply_overrides
 
         return apply_overrides(self, pairs, exclude=("adapt_runs",))
+
+    def plan(self) -> SweepPlan:
+        """The merge cells of the demo, as a sweep plan."""
+        return SweepPlan(methods=dict(MERGE_METHODS), all_methods_schemes=self.all_methods_schemes,
+                         scaling_grid=self.scaling_grid, alpha_grid=self.alpha_grid)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..store.reader import TaskVectorStore
+from ..sweep.core import individual_models, result  # noqa: F401  (the demo's cells are the sweep's)
 from ..tasks import create_task_type
 from .bench import Bench
 
@@ -54,24 +55,6 @@ class Evaluator:
     def per_task_accuracy(self, models: Mapping[str, Mapping[str, Tensor]], split: str = "test") -> dict[str, float]:
         """Task t's own model on task t."""
         return {t: self.task_accuracy(models[t], t, split) for t in self.bench.tasks}
-
-
-def result(per_task: Mapping[str, float], **extra) -> dict:
-    """A report cell: ``{"avg", "per_task", ...}``."""
-    vals = list(per_task.values())
-    return {"avg": sum(vals) / max(len(vals), 1), "per_task": dict(per_task), **extra}
-
-
-def individual_models(store: TaskVectorStore, pretrained: Mapping[str, Tensor], tasks: Sequence[str],
-                      scale: float = 1.0) -> dict[str, dict[str, Tensor]]:
-    """``{t: θ0 + scale * τ̂_t}`` from the store (dequantized)."""
-    out = {}
-    for t in tasks:
-        params = dict(pretrained)
-        for k in store.keys:
-            params[k] = pretrained[k] + scale * store.task_vector(t, k, pretrained[k]).to(pretrained[k].dtype)
-        out[t] = params
-    return out
 
 
 def storage_entry(store: TaskVectorStore) -> dict:

@@ -62,7 +62,8 @@ class MergePlan:
 
 def plan_merge(store: str | Path | TaskVectorStore, pretrained: WeightsLike, method: str | Merger, *,
                tasks: Sequence[str] | None = None, device: str | torch.device = "cpu", prefix: str | None = None,
-               allow_pickle: bool = False, progress: bool = False, verify: bool = True, **options: Any) -> MergePlan:
+               allow_pickle: bool = False, trust_pickle_code: bool = False, progress: bool = False, verify: bool = True,
+               **options: Any) -> MergePlan:
     """Open and check everything a merge needs; raises before any output is written.
 
     theta_0 must be the store's (fingerprint), and the layout's keys, shapes and dtypes theta_0's
@@ -83,7 +84,7 @@ def plan_merge(store: str | Path | TaskVectorStore, pretrained: WeightsLike, met
     store = store if isinstance(store, TaskVectorStore) else TaskVectorStore(store, verify=verify)
     if not verify:
         store.verify = False
-    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
+    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle, trust_pickle_code=trust_pickle_code)
     store.check_pretrained(pre.sd, label=pre.label)
     store.check_layout(pre)
     tasks = list(store.tasks if tasks is None else tasks)

@@ -11,6 +11,9 @@ Kinds (``list_encoders()``):
   extractor (no classifier).
 - ``module``: any ``nn.Module``: an instance, or an importable ``class_path`` plus its kwargs.
 - ``tiny``: :class:`tvq_lightning.models.TinyEncoder` (tests and tiny configs).
+- ``hf_clip``: a Hugging Face transformers CLIP vision tower from a local folder (or the HF cache),
+  with the transformers-5 ``CLIPVisionModel`` keys whatever version saved it
+  (:mod:`tvq_lightning.models.hf_clip`).
 - ``smp``: :class:`tvq_lightning.models.dense.DenseEncoder`, a segmentation_models_pytorch encoder
   (``name="resnet50"``, ``"tu-resnet10t"``, ...) returning multi-scale features for dense heads;
   ``weights=None`` (random), an smp tag (``"imagenet"``) or a local state-dict file.
@@ -45,12 +48,19 @@ def register_encoder(name: str):
     return deco
 
 
+def _builtin_kinds() -> None:
+    """Kinds defined in their own modules register on import (inside a function: no import cycle)."""
+    from . import hf_clip  # noqa: F401  (transformers itself is imported only when one is built)
+
+
 def list_encoders() -> list[str]:
+    _builtin_kinds()
     return sorted(_ENCODERS)
 
 
 def create_encoder(kind: str, **kwargs: Any) -> nn.Module:
     """Build an encoder of ``kind`` (see the module docstring) from its keyword arguments."""
+    _builtin_kinds()
     try:
         fn = _ENCODERS[kind]
     except KeyError:
@@ -173,3 +183,4 @@ def smp_encoder(name: str = "resnet50", weights: str | bool | None = None, outpu
     from .dense import DenseEncoder
 
     return DenseEncoder(name=name, weights=weights, output_stride=output_stride, depth=depth, in_channels=in_channels)
+

@@ -39,15 +39,21 @@ class ClassificationHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> ClassificationHead:
-        """A head saved by :meth:`save` (safetensors with ``weight`` and ``bias``)."""
-        from ..store.checkpoints import load_state_dict
+        """A head saved by :meth:`save` (safetensors with ``weight``, ``bias`` and, in its metadata,
+        ``normalize``; files without it are normalising heads)."""
+        from ..store.checkpoints import open_checkpoint
 
-        sd = load_state_dict(path)
-        if "weight" not in sd:
-            raise TvqError(f"{path} holds no head 'weight' tensor; save heads with ClassificationHead.save")
-        return cls(sd["weight"], sd.get("bias"))
+        with open_checkpoint(path) as sd:
+            if "weight" not in sd:
+                raise TvqError(f"{path} holds no head 'weight' tensor; save heads with ClassificationHead.save")
+            normalize = sd.metadata.get("normalize", "true")
+            if normalize not in ("true", "false"):
+                raise TvqError(f"{path}: metadata normalize={normalize!r} is neither 'true' nor 'false'; re-save the head")
+            return cls(sd["weight"], sd.get("bias"), normalize=normalize == "true")
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the head atomically as safetensors; ``normalize`` (and ``metadata``) go in its metadata."""
         from ..store.st_stream import save_safetensors
 
-        save_safetensors({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}, path)
+        tensors = {"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}
+        return save_safetensors(tensors, path, {**(metadata or {}), "normalize": "true" if self.normalize else "false"})

@@ -5,7 +5,7 @@ Where the merged encoder comes from (exactly one):
 - ``store`` + ``method`` (+ ``method_options``, ``pretrained``): merged with any registered merger
   (:func:`~..merging.engine.merge_state_dict`, streamed key by key). Per-task methods (EMR, TALL)
   are written to a temporary per-task artifact and evaluated as below.
-- ``merged``: a merged state dict file (``tvq merge --out X.safetensors``), or a per-task
+- ``merged``: a merged state dict (in memory, or a file from ``tvq merge --out X.safetensors``), or a per-task
   artifact directory (``tvq merge --out DIR`` for EMR / TALL): then test dataloader i is evaluated
   with task i's model, loaded into the encoder when dataloader i starts (one model in memory).
 - ``coefficients`` + ``store``: AdaMerging coefficients (a file from
@@ -32,6 +32,7 @@ import copy
 import shutil
 import tempfile
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -65,7 +66,8 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
             heads dict's).
         heads / heads_dir: the per-task heads (dict or ``<task>.safetensors`` files).
         store, pretrained, method, method_options: merge with a registered method.
-        merged: a merged state dict file or a per-task artifact directory.
+        merged: a merged state dict (a file, or in memory), a per-task artifact directory, or
+            ``{task: state dict}`` (one model per task, in memory: each is loaded whole).
         coefficients: an AdaMerging coefficient file (needs ``store``).
         per_task: expect a per-task source (EMR / TALL); None: detect it.
         task_types: the task type of every task (a registered name, e.g. ``classification``), or
@@ -76,11 +78,11 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
 
     def __init__(self, encoder: nn.Module, tasks: list[str] | None = None, heads: dict[str, nn.Module] | None = None,
                  heads_dir: str | None = None, store: str | None = None, pretrained: str | None = None,
-                 method: str | None = None, method_options: dict | None = None, merged: str | None = None,
+                 method: str | None = None, method_options: dict | None = None, merged: str | Mapping[str, Tensor] | None = None,
                  coefficients: str | None = None, per_task: bool | None = None,
                  task_types: str | dict[str, str] = "classification", bn_stats: str = "merged", bn_batches: int = 20):
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "heads"])
+        self.save_hyperparameters(ignore=["encoder", "heads"] + (["merged"] if isinstance(merged, Mapping) else []))
         self._bn = check_bn_policy(bn_stats)
         self._bn_fixed: dict[str, Tensor] | None = None   # per-task artifacts: the statistics of every task model
         given = [n for n, v in (("method", method), ("merged", merged), ("coefficients", coefficients)) if v is not None]
@@ -94,6 +96,7 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         heads = resolve_heads(self.tasks, heads, heads_dir, self.task_types)
         self._pretrained_arg = pretrained
         self._artifact: Path | None = None
+        self._task_models: Mapping[str, Mapping[str, Tensor]] | None = None
         self._loaded_task: int | None = None
         self.packed: PackedTaskVectors | None = None
         self._eval_params: dict[str, Tensor] | None = None
@@ -103,8 +106,9 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
             encoder = self._from_merged(encoder, merged)
         else:
             encoder = self._from_coefficients(encoder, store, pretrained, coefficients)
-        if per_task is not None and per_task != (self._artifact is not None):
-            raise TvqError(f"per_task={per_task} but the merge source {'is' if self._artifact else 'is not'} a per-task "
+        is_per_task = self._artifact is not None or self._task_models is not None
+        if per_task is not None and per_task != is_per_task:
+            raise TvqError(f"per_task={per_task} but the merge source {'is' if is_per_task else 'is not'} a per-task "
                            "merge (per-task sources: EMR / TALL artifacts or methods)")
         self.model = MultiTaskModel(encoder, heads).requires_grad_(False)
         self._init_eval()
@@ -113,7 +117,7 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
     def _default_tasks(store, merged, heads) -> list[str]:
         if store is not None:
             return TaskVectorStore(store).tasks
-        if merged is not None and is_artifact(merged):
+        if isinstance(merged, (str, Path)) and is_artifact(merged):
             return list(read_artifact(merged)["tasks"])
         if heads is not None:
             return list(heads)
@@ -133,6 +137,14 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
         return self._load_into(copy.deepcopy(enc) if enc is encoder else enc, merged)  # never the caller's encoder
 
     def _from_merged(self, encoder, merged, pre_sd=None) -> nn.Module:
+        if isinstance(merged, Mapping) and merged and all(isinstance(v, Mapping) for v in merged.values()):
+            missing = [t for t in self.tasks if t not in merged]
+            if missing:
+                raise TvqError(f"merged: per-task models are given for {', '.join(merged)}, not for task {missing[0]!r}")
+            self._task_models = merged     # {task: state dict}: loaded when the task's dataloader starts
+            return copy.deepcopy(encoder)
+        if isinstance(merged, Mapping):
+            return self._from_state_dict(encoder, merged)
         path = Path(merged)
         if is_artifact(path):
             meta = read_artifact(path)
@@ -147,7 +159,10 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
             return copy.deepcopy(enc) if enc is encoder else enc   # task models are loaded into it
         if not path.is_file():
             raise TvqError(f"merged={path}: no such file (a merged .safetensors or a per-task artifact directory)")
-        enc = self._load_into(copy.deepcopy(encoder), load_state_dict(path))
+        return self._from_state_dict(encoder, load_state_dict(path))
+
+    def _from_state_dict(self, encoder, sd: Mapping[str, Tensor]) -> nn.Module:
+        enc = self._load_into(copy.deepcopy(encoder), dict(sd))
         if self._bn in ("pretrained", "mean"):
             _, theta0 = prepare_encoder(encoder, self._pretrained_arg)
             load_bn_statistics(enc, store_bn_statistics(self._bn, bn_stat_keys(enc), theta0, self.hparams.store, self.tasks))
@@ -182,6 +197,11 @@ class MergedEvaluation(MultiTaskEvalMixin, pl.LightningModule):
 
     def _features(self, images: Tensor, task_index: int) -> Tensor:
         enc = self.model.encoder
+        if self._task_models is not None:
+            if self._loaded_task != task_index:
+                enc.load_state_dict(dict(self._task_models[self.tasks[task_index]]), strict=True)
+                self._loaded_task = task_index
+            return enc(images)
         if self._artifact is not None:
             if self._loaded_task != task_index:
                 _, items = task_model_tensors(self._artifact, self.tasks[task_index], self._pre_sd)

@@ -16,8 +16,13 @@ Formats understood by :func:`open_checkpoint` / :func:`load_state_dict`:
     files. The state dict is the object itself when it maps names to tensors, or the one found
     under ``state_dict`` (Lightning), ``model_state_dict``, ``model`` or ``module``. Values that
     are not tensors (``_extra_state``, counters, hyper-parameters) are skipped. A file that holds
-    pickled Python objects (e.g. a whole ``nn.Module``) is refused unless ``allow_pickle=True``,
-    since unpickling runs code from the file; then a module's ``state_dict()`` is used.
+    pickled Python objects (e.g. a whole ``nn.Module``, as the task_vectors release ships) is
+    refused unless ``allow_pickle=True``: then it is read by :mod:`.safe_pickle`'s restricted
+    unpickler, which runs no code from the file (tensors are rebuilt, classes of an allow-list of
+    namespaces become inert stand-ins, anything else is refused) and takes what the pickled
+    module's ``state_dict()`` would hold. ``trust_pickle_code=True`` instead unpickles it with
+    plain ``torch.load(weights_only=False)``, which runs code from the file and needs its classes
+    importable: only for files you trust that the allow-list refuses.
 other extensions
     Tried as safetensors (by parsing the header), then with ``torch.load``.
 
@@ -44,6 +49,7 @@ import torch
 
 from tvq_lightning.errors import CheckpointError
 from tvq_lightning.store.mmap_util import PageReleaser
+from tvq_lightning.store.safe_pickle import UnsafePickleError, is_module, module_state_dict, safe_load
 
 __all__ = ["LazyStateDict", "common_prefixes", "load_state_dict", "open_checkpoint", "read_safetensors_header"]
 
@@ -67,6 +73,10 @@ Shape = tuple[int, ...]
 
 class _PickleRefused(CheckpointError):
     """Internal: a valid torch file that pickles objects, so it needs ``allow_pickle=True``."""
+
+
+_PICKLE_HINT = ("pass --allow-pickle (Python: allow_pickle=True): it loads pickled modules through an allow-list of "
+                "classes and runs no code from the file; then convert it once with tvq convert")
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -222,26 +232,22 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=is_zip)
 
 
-def _load_torch_object(path: Path, allow_pickle: bool) -> Any:
+def _load_torch_object(path: Path, allow_pickle: bool, trust_pickle_code: bool = False) -> Any:
     try:
         return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" not in msg:
             raise _unreadable(path, e) from e
-        if not allow_pickle:
+        if not (allow_pickle or trust_pickle_code):
             if "Unsupported global" in msg:
-                raise _PickleRefused(
-                    f"{path} holds pickled Python objects (e.g. a whole nn.Module); loading it runs code "
-                    "from the file. If you trust it, pass --allow-pickle (Python: allow_pickle=True), "
-                    "then convert it once to .safetensors"
-                ) from e
-            raise CheckpointError(
-                f"{path} is corrupt or holds pickled data that torch cannot load safely; if you trust it, "
-                "pass --allow-pickle (Python: allow_pickle=True), else re-export it as .safetensors"
-            ) from e
+                raise _PickleRefused(f"{path} holds pickled Python objects (e.g. a whole nn.Module); {_PICKLE_HINT}") from e
+            raise CheckpointError(f"{path} is corrupt or holds pickled data that torch cannot load safely; re-export "
+                                  f"it as .safetensors, or {_PICKLE_HINT}") from e
     except Exception as e:  # unreadable, truncated zip, garbage, ...
         raise _unreadable(path, e) from e
+    if not trust_pickle_code:
+        return safe_load(path)  # UnsafePickleError names the refused global
     try:
         return _torch_load(path, weights_only=False)
     except Exception as e:
@@ -258,7 +264,7 @@ def _unpickling_failed(path: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path} pickles objects whose {missing} cannot be imported here; install the package that provides it "
         "(or put its directory on PYTHONPATH), or convert the checkpoint to .safetensors where it loads "
-        "(tvq_lightning.store.st_stream.save_safetensors(load_state_dict(path, allow_pickle=True), out))")
+        "(tvq convert IN OUT.safetensors --trust-pickle-code)")
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -266,9 +272,12 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(4):
         if isinstance(obj, torch.nn.Module):
             obj = obj.state_dict()
+        elif is_module(obj):  # a stand-in of safe_pickle
+            obj = module_state_dict(obj)
         if not isinstance(obj, Mapping):
             break
-        nested = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), (Mapping, torch.nn.Module))), None)
+        nested = next((obj[k] for k in _STATE_DICT_KEYS
+                       if isinstance(obj.get(k), (Mapping, torch.nn.Module)) or is_module(obj.get(k))), None)
         if nested is None:
             break
         obj = nested
@@ -377,22 +386,28 @@ def _select(path: Path, keys: Iterable[str], prefix: str | None) -> dict[str, st
 
 
 def open_checkpoint(
-    path: str | os.PathLike, *, prefix: str | None = None, allow_pickle: bool = False
+    path: str | os.PathLike, *, prefix: str | None = None, allow_pickle: bool = False, trust_pickle_code: bool = False
 ) -> LazyStateDict:
-    """Open a checkpoint lazily: see the module docstring for the formats and ``prefix``."""
+    """Open a checkpoint lazily: see the module docstring for the formats, ``prefix``, ``allow_pickle`` (pickled
+    modules through an allow-list, no code run) and ``trust_pickle_code`` (runs code from the file). A
+    directory is read as a Hugging Face model folder (:func:`~.model_dir.open_model_dir`)."""
+    if Path(path).expanduser().is_dir():
+        from .model_dir import open_model_dir  # lazy: model_dir builds on this module
+
+        return open_model_dir(path, prefix=prefix, allow_pickle=allow_pickle, trust_pickle_code=trust_pickle_code)
     p = _check_file(path)
     suffix = p.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:
         source, fmt = _SafetensorsSource(p), "safetensors"
     elif suffix in TORCH_EXTENSIONS:
-        source, fmt = _DictSource(_extract_state_dict(_load_torch_object(p, allow_pickle), p)), "torch"
+        source, fmt = _DictSource(_extract_state_dict(_load_torch_object(p, allow_pickle, trust_pickle_code), p)), "torch"
     else:
         try:
             source, fmt = _SafetensorsSource(p), "safetensors"
         except CheckpointError:
             try:
-                obj = _load_torch_object(p, allow_pickle)
-            except _PickleRefused:
+                obj = _load_torch_object(p, allow_pickle, trust_pickle_code)
+            except (_PickleRefused, UnsafePickleError):
                 raise
             except CheckpointError as e:
                 supported = ", ".join(SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS)
@@ -405,8 +420,8 @@ def open_checkpoint(
 
 
 def load_state_dict(
-    path: str | os.PathLike, *, prefix: str | None = None, allow_pickle: bool = False
+    path: str | os.PathLike, *, prefix: str | None = None, allow_pickle: bool = False, trust_pickle_code: bool = False
 ) -> dict[str, torch.Tensor]:
     """``dict(open_checkpoint(...))``: every tensor created at once (still zero-copy views)."""
-    with open_checkpoint(path, prefix=prefix, allow_pickle=allow_pickle) as sd:
+    with open_checkpoint(path, prefix=prefix, allow_pickle=allow_pickle, trust_pickle_code=trust_pickle_code) as sd:
         return {k: sd[k] for k in sd}

@@ -27,7 +27,8 @@ def is_tvq_safetensors(path: Path, formats: tuple[str, ...] = ("tvq_lightning.me
 
 
 def export_task(store_path: str | Path, task: str, out: str | Path, *, pretrained=None, finetuned_weights: bool = False,
-                prefix: str | None = None, allow_pickle: bool = False, overwrite: bool = False) -> int:
+                prefix: str | None = None, allow_pickle: bool = False, overwrite: bool = False,
+                trust_pickle_code: bool = False) -> int:
     """Write ``task``'s fp32 task vector (or ``theta_0 + tau`` in theta_0's dtypes) to ``out``.
 
     Returns the bytes written. Keys are written one at a time; integer buffers (e.g. BatchNorm
@@ -36,16 +37,17 @@ def export_task(store_path: str | Path, task: str, out: str | Path, *, pretraine
     out = Path(out)
     check_output(out, overwrite, is_tvq_safetensors, what="safetensors file")
     with output_errors(out):
-        return _export(store_path, task, out, pretrained, finetuned_weights, prefix, allow_pickle)
+        return _export(store_path, task, out, pretrained, finetuned_weights, prefix,
+                       {"allow_pickle": allow_pickle, "trust_pickle_code": trust_pickle_code})
 
 
-def _export(store_path, task: str, out: Path, pretrained, finetuned_weights: bool, prefix, allow_pickle: bool) -> int:
+def _export(store_path, task: str, out: Path, pretrained, finetuned_weights: bool, prefix, pickles: dict) -> int:
     store = TaskVectorStore(store_path)
     if task not in store.layout.tasks:
         raise StoreError(f"store {store.path} has no task {task!r}; it has: {', '.join(store.tasks)}")
     pre = None
     if pretrained is not None:
-        pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
+        pre = open_source("pretrained", pretrained, prefix=prefix, **pickles)
         store.check_pretrained(pre.sd, label=pre.label)
         store.check_layout(pre)
     elif store.needs_pretrained or finetuned_weights:

@@ -43,10 +43,10 @@ _HEAD_MAP = (("0.", "decoder.aspp."), ("1.", "decoder.conv."), ("2.", "decoder.b
 _TORCHVISION_CLASSIFIER = ("fc.weight", "fc.bias")
 
 
-def _read(source: str | Path | Mapping[str, Tensor], allow_pickle: bool) -> tuple[dict[str, Tensor], str]:
+def _read(source: str | Path | Mapping[str, Tensor], pickles: dict[str, bool]) -> tuple[dict[str, Tensor], str]:
     if isinstance(source, Mapping):
         return dict(source), "the given state dict"
-    return load_state_dict(source, allow_pickle=allow_pickle), str(source)
+    return load_state_dict(source, **pickles), str(source)
 
 
 def _split(sd: Mapping[str, Tensor], label: str, bare_ok: bool) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
@@ -113,7 +113,8 @@ def import_fusionbench_nyuv2(pretrained: str | Path | Mapping[str, Tensor],
                              finetuned: Mapping[str, str | Path | Mapping[str, Tensor]], out_store: str | Path,
                              heads_dir: str | Path, config: StoreConfig = StoreConfig("tvq", bits=4), *,
                              encoder: str = "resnet50", pretrained_out: str | Path | None = None,
-                             allow_pickle: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                             allow_pickle: bool = False, overwrite: bool = False,
+                             trust_pickle_code: bool = False) -> dict[str, Any]:
     """Split FusionBench NYUv2 checkpoints: encoders -> a task-vector store, heads -> DenseHead files.
 
     Args:
@@ -124,7 +125,10 @@ def import_fusionbench_nyuv2(pretrained: str | Path | Mapping[str, Tensor],
         encoder: the smp encoder name the keys are checked against (``resnet50``).
         pretrained_out: where θ0's encoder state dict is written (default ``<out_store>/../pretrained.safetensors``),
             the ``pretrained:`` of the evaluation configs.
-        allow_pickle: Lightning ``.ckpt`` files holding pickled objects need it (runs code from the file).
+        allow_pickle: Lightning ``.ckpt`` files holding pickled objects need it (read through an allow-list of
+            classes; no code from the file runs).
+        trust_pickle_code: unpickle with plain ``torch.load`` instead, running code from the file (trusted files
+            whose pickled objects the allow-list refuses).
 
     Returns ``{"store", "pretrained", "heads": {task: path}}``.
     """
@@ -134,11 +138,12 @@ def import_fusionbench_nyuv2(pretrained: str | Path | Mapping[str, Tensor],
         raise CheckpointError("no fine-tuned checkpoints given; pass {task: path} for segmentation / depth / normal")
     ref_encoder = DenseEncoder(encoder, output_stride=8)
     reference = ref_encoder.state_dict()
-    pre_sd, label = _read(pretrained, allow_pickle)
+    pickles = {"allow_pickle": allow_pickle, "trust_pickle_code": trust_pickle_code}
+    pre_sd, label = _read(pretrained, pickles)
     theta0 = _check_encoder(_split(pre_sd, label, bare_ok=True)[0], reference, label, encoder)
     encoders, heads = {}, {}
     for task, src in finetuned.items():
-        sd, label = _read(src, allow_pickle)
+        sd, label = _read(src, pickles)
         enc, task_heads = _split(sd, label, bare_ok=False)
         if task not in task_heads:
             raise CheckpointError(f"{label} has no 'decoders.{task}.*' keys (it has decoders for: "

@@ -36,7 +36,8 @@ class Source:
         return tuple(t.shape), t.dtype
 
 
-def open_source(name: str, weights: WeightsLike, *, prefix: str | None = None, allow_pickle: bool = False) -> Source:
+def open_source(name: str, weights: WeightsLike, *, prefix: str | None = None, allow_pickle: bool = False,
+                trust_pickle_code: bool = False) -> Source:
     if isinstance(weights, Mapping):
         label = f"<{name} state dict>"
         if not isinstance(weights, LazyStateDict):
@@ -48,7 +49,8 @@ def open_source(name: str, weights: WeightsLike, *, prefix: str | None = None, a
     if not isinstance(weights, (str, os.PathLike)):
         raise IncompatibleWeights(f"{name} weights: a {type(weights).__name__} is neither a checkpoint path nor a "
                                   f"state dict; pass a path or model.state_dict()")
-    return Source(name, str(weights), open_checkpoint(weights, prefix=prefix, allow_pickle=allow_pickle))
+    return Source(name, str(weights), open_checkpoint(weights, prefix=prefix, allow_pickle=allow_pickle,
+                                                      trust_pickle_code=trust_pickle_code))
 
 
 def check_task_name(name: str) -> str:

@@ -184,11 +184,13 @@ def header_upper_bound(specs: Mapping[str, tuple[str, int]], total_bytes: int) -
     return 2 + sum(len(json.dumps(n)) + per + ndim * 21 + 2 * off for n, (_, ndim) in specs.items())
 
 
-def save_safetensors(sd: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a state dict as one ``.safetensors`` file (atomically: a temp file, then a rename)."""
+def save_safetensors(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict (and optional string ``metadata``) as one ``.safetensors`` file, atomically
+    (a temp file, then a rename)."""
     path = Path(path)
     specs = {k: ("F32", v.dim()) for k, v in sd.items()}
-    with SafetensorsStreamWriter(path, header_upper_bound(specs, sum(v.numel() * 8 for v in sd.values()))) as w:
+    bound = header_upper_bound(specs, sum(v.numel() * 8 for v in sd.values()))
+    with SafetensorsStreamWriter(path, bound, **({"metadata": metadata} if metadata else {})) as w:
         for k, v in sd.items():
             w.add(k, v.contiguous())
         w.close()

@@ -222,7 +222,10 @@ def quantize_to_store(
     config: StoreConfig = StoreConfig(),
     *,
     prefix: str | None = None,
+    pretrained_prefix: str | None = None,
+    finetuned_prefix: str | None = None,
     allow_pickle: bool = False,
+    trust_pickle_code: bool = False,
     overwrite: bool = False,
     rtvq_base: RtvqBaseMode | None = None,
     sensitivity: Mapping[str, float] | None = None,
@@ -238,7 +241,13 @@ def quantize_to_store(
         config: scheme and bits. When ``out`` is an existing store its own config is used and a
             different ``config`` is an error.
         prefix: keep only keys under this prefix (e.g. ``model.encoder.``) in every checkpoint.
-        allow_pickle: allow checkpoints that are pickled Python objects (runs code from them).
+        pretrained_prefix: the prefix for theta_0 alone (default: ``prefix``), when its keys are wrapped
+            differently from the fine-tuned ones (e.g. ``model.visual.`` in theta_0).
+        finetuned_prefix: the prefix for the fine-tuned checkpoints alone (default: ``prefix``).
+        allow_pickle: accept checkpoints that are pickled modules (task_vectors' ``finetuned.pt``); they
+            load through an allow-list of classes and no code from the file runs.
+        trust_pickle_code: unpickle checkpoints with plain ``torch.load``, which RUNS CODE FROM THE FILE
+            (needs its classes importable); only for trusted files the allow-list refuses.
         overwrite: replace an existing ``out`` instead of adding to it.
         rtvq_base: adding to a store with a shared file (RTVQ's base), keep it (``frozen``: the
             new offsets are taken against the stored base) or ``recompute`` the base over all
@@ -254,12 +263,15 @@ def quantize_to_store(
     """
     out = Path(out)
     with output_errors(out):
-        return _quantize_to_store(pretrained, finetuned, out, config, prefix=prefix, allow_pickle=allow_pickle,
+        pickles = {"allow_pickle": allow_pickle, "trust_pickle_code": trust_pickle_code}
+        prefixes = (prefix if pretrained_prefix is None else pretrained_prefix,
+                    prefix if finetuned_prefix is None else finetuned_prefix)
+        return _quantize_to_store(pretrained, finetuned, out, config, prefixes=prefixes, pickles=pickles,
                                   overwrite=overwrite, rtvq_base=rtvq_base, sensitivity=sensitivity,
                                   allocation=allocation, progress=progress)
 
 
-def _quantize_to_store(pretrained, finetuned, out: Path, config: StoreConfig, *, prefix, allow_pickle, overwrite,
+def _quantize_to_store(pretrained, finetuned, out: Path, config: StoreConfig, *, prefixes, pickles, overwrite,
                        rtvq_base, sensitivity, allocation, progress) -> Layout:
     names = [check_task_name(n) for n in finetuned]
     if len(set(names)) != len(names):
@@ -267,9 +279,9 @@ def _quantize_to_store(pretrained, finetuned, out: Path, config: StoreConfig, *,
         raise TvqError(f"task {dup!r} is given twice; every task needs its own name")
     if not names:
         raise TvqError("no fine-tuned checkpoints given; pass --finetuned NAME=PATH ...")
-    pre = open_source("pretrained", pretrained, prefix=prefix, allow_pickle=allow_pickle)
+    pre = open_source("pretrained", pretrained, prefix=prefixes[0], **pickles)
     pre_keys = floating_keys(pre)
-    fts = [open_source(n, finetuned[n], prefix=prefix, allow_pickle=allow_pickle) for n in names]
+    fts = [open_source(n, finetuned[n], prefix=prefixes[1], **pickles) for n in names]
     for f in fts:
         check_compatible(pre_keys, f, pre)
     if out.exists() and not overwrite:

@@ -6,7 +6,7 @@ global per-pixel means; percentage metrics in %). Each task's main metric comes 
 entry. Δm (:func:`~tvq_lightning.metrics.delta_m`, in %) averages, per task, the two metrics of
 :data:`~.config.DELTA_M_METRICS`, then the tasks.
 
-Merges reuse the classification demo's streaming-engine helpers (:func:`~..merges.merged_models`,
+Merges reuse the sweep's streaming-engine helpers (:func:`~tvq_lightning.sweep.core.merged_models`,
 a ``scaling`` sweep merged once at 1 and scaled); every merged encoder then gets the BatchNorm
 statistics of ``cfg.bn_stats`` (default ``"mean"``: θ0 + mean_t τ̂_t of the store, the experts'
 mean). Individual models keep their own statistics (θ0 + τ̂_t). λ (each method's option) is chosen
@@ -25,8 +25,7 @@ from ...merging.bn_stats import bn_stat_keys, store_bn_statistics
 from ...metrics import delta_m
 from ...store.reader import TaskVectorStore
 from ...tasks import create_task_type
-from ..evaluate import individual_models
-from ..merges import _scaled, merged_models
+from ...sweep.core import individual_models, merged_models, scaled
 from .config import DELTA_M_METRICS, DENSE_METHODS
 from .finetune import DenseBench
 
@@ -111,13 +110,13 @@ def method_models(store: TaskVectorStore, ev: DenseEvaluator, method: str, value
     bench, option = ev.bench, DENSE_METHODS[method]
     bn = bn_policy_stats(ev, store)
     if option == "scaling":
-        unit = merged_models(store, bench, method, {"scaling": 1.0})
+        unit = merged_models(store, bench.pretrained_path, bench.tasks, method, {"scaling": 1.0})
         pre = bench.pretrained()
-        return lambda v: with_bn(_scaled(unit, pre, v), bn)
+        return lambda v: with_bn(scaled(unit, pre, v), bn)
     if option is None:
-        m = with_bn(merged_models(store, bench, method, {}), bn)
+        m = with_bn(merged_models(store, bench.pretrained_path, bench.tasks, method, {}), bn)
         return lambda v: m
-    return lambda v: with_bn(merged_models(store, bench, method, {option: v}), bn)
+    return lambda v: with_bn(merged_models(store, bench.pretrained_path, bench.tasks, method, {option: v}), bn)
 
 
 def merge_method(store: TaskVectorStore, ev: DenseEvaluator, method: str, base: dict[str, Metrics],
