@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 import sys
 
 _M_MMAP_THRESHOLD = -3
@@ -43,3 +44,8 @@ def configure_allocator(mmap_threshold: int | None = None) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
+
+
+def cache_root() -> Path:
+    """Where generated data and split files are cached: ``$TVQ_CACHE_DIR``, default ``~/.cache/tvq_lightning``."""
+    return Path(os.environ.get("TVQ_CACHE_DIR") or Path.home() / ".cache" / "tvq_lightning")

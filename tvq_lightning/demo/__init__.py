@@ -115,13 +115,12 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
         Evaluator,
         quantization_error,
         range_ratio,
-        result,
         storage_entry,
         task_vector_cosine,
     )
     from .finetune import build_joint_stores, finetune_task
     from ..sweep.backends import EmbeddedBackend
-    from ..sweep.core import MERGE_METHODS, run_cells
+    from ..sweep.core import MERGE_METHODS, result, run_cells
     from .report import machine
 
     timer = PhaseTimer()
@@ -177,7 +176,7 @@ def _run(cfg: DemoConfig, out: Path, clip_dir, show: bool) -> dict:
 def _ta_loss(bench, ev, exact, results) -> dict:
     """Where task arithmetic loses accuracy at its validation λ: each task's own scaled vector alone
     (under-scaling) vs the sum of all (interference)."""
-    from .evaluate import individual_models
+    from ..sweep.core import individual_models
 
     lam = results["task_arithmetic"]["fp32"]["value"]
     own = ev.per_task_accuracy(individual_models(exact, bench.pretrained(), bench.tasks, scale=lam))

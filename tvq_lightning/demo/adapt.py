@@ -14,7 +14,7 @@ from ..data.multitask import TensorTasks
 from ..modules.adamerging import AdaMerging
 from ..modules.tinting import Tinting
 from .bench import Bench
-from .evaluate import result
+from ..sweep.core import result
 from .finetune import quiet_trainer
 
 ADAPTIVE = ("adamerging_task", "adamerging_layer", "tinting")

@@ -13,7 +13,6 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..store.reader import TaskVectorStore
-from ..sweep.core import individual_models, result  # noqa: F401  (the demo's cells are the sweep's)
 from ..tasks import create_task_type
 from .bench import Bench
 

@@ -160,13 +160,13 @@ def plots(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    paths.append(_save(fig, out / "accuracy_vs_bits.png"))
+    paths.append(save_figure(fig, out / "accuracy_vs_bits.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [s for s in LABELS if s in sto]
     ax.bar([LABELS[s] for s in names], [sto[s]["bytes"] / 1e6 for s in names])
     ax.set_ylabel("MB on disk (all tasks)")
     fig.tight_layout()
-    paths.append(_save(fig, out / "storage.png"))
+    paths.append(save_figure(fig, out / "storage.png"))
     fig, ax = plt.subplots(figsize=(8, 4))
     shown = [m for m in ("pretrained", "individual", "task_arithmetic", "adamerging_layer", "tinting") if "fp32" in res.get(m, {})]
     tasks = report["tasks"]
@@ -177,11 +177,11 @@ def plots(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("test accuracy (%), FP32 store")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, out / "per_task.png"))
+    paths.append(save_figure(fig, out / "per_task.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import io
 
     import matplotlib.pyplot as plt

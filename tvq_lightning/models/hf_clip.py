@@ -34,7 +34,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TvqError
-from ..store.model_dir import open_model_dir, read_config
+from ..store.model_dir import WEIGHT_FILES, open_model_dir, read_config
 from .encoders import register_encoder
 
 __all__ = ["HFClipText", "HFClipTokenizer", "HFClipVisionEncoder", "hf_clip_encoder", "hf_clip_text",
@@ -54,8 +54,7 @@ def _transformers():
 
 
 def _has_weights(d: Path) -> bool:
-    return any((d / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
-                                           "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    return any((d / n).is_file() for n in WEIGHT_FILES)
 
 
 def resolve_model_dir(model_name_or_path: str | os.PathLike, *, local_files_only: bool = True,

@@ -240,12 +240,11 @@ def head_fingerprint(identity: dict[str, str], task: TaskInfo) -> str:
 
 def read_head_metadata(path: str | Path) -> dict[str, str] | None:
     """The safetensors metadata of a head file, or None if the file is not a readable safetensors file."""
-    from safetensors import safe_open
+    from ..store.checkpoints import read_safetensors_header
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - any unreadable file is "not one of ours"
+        return read_safetensors_header(path)[1]
+    except TvqError:  # unreadable, not safetensors: "not one of ours"
         return None
 
 

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,7 @@ class ModelBackend:
     def _run(self, merged: Mapping[str, Any], split: str) -> dict[str, float]:
         from ..modules.evaluate import MergedEvaluation
 
-        module = MergedEvaluation(copy.deepcopy(self.encoder), tasks=self.tasks, heads=self.heads, merged=merged,
+        module = MergedEvaluation(self.encoder, tasks=self.tasks, heads=self.heads, merged=merged,
                                   task_types=self.task_types)
         trainer = self._trainer()
         with torch.no_grad():

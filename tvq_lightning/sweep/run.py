@@ -46,8 +46,8 @@ def build_stores(cfg: SweepConfig, out: Path, show: bool) -> dict[str, Path]:
         path = out / "stores" / scheme
         if not _existing_store(path, list(cfg.finetuned), SCHEMES[scheme]):
             quantize_to_store(cfg.pretrained, dict(cfg.finetuned), path, SCHEMES[scheme], prefix=cfg.prefix,
-                              allow_pickle=cfg.allow_pickle, overwrite=path.exists(), progress=False,
-                              **({"pretrained_prefix": cfg.pretrained_prefix} if cfg.pretrained_prefix else {}))
+                              pretrained_prefix=cfg.pretrained_prefix, allow_pickle=cfg.allow_pickle,
+                              overwrite=path.exists(), progress=False)
         stores[scheme] = path
     return {s: stores[s] for s in cfg.schemes}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..demo.report import save_figure
 from ..store.io import atomic_write_bytes, atomic_write_json
 
 ROW_ORDER = ("individual", "task_arithmetic", "ties", "emr", "consensus", "lines", "magmax", "breadcrumbs")
@@ -39,8 +40,6 @@ def markdown(report: Mapping) -> str:
 
 
 def heatmap(report: Mapping, path: Path) -> Path:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,11 +63,7 @@ def heatmap(report: Mapping, path: Path) -> Path:
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(report: dict, stores: Mapping[str, Path], out: Path) -> None:

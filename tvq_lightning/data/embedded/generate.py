@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...runtime import cache_root
 from ...errors import TvqError
 from .render import downstream_shift
 from .scenes import caption, render, sample_pretraining_scene
@@ -32,8 +33,7 @@ MEAN, STD = 0.5, 0.25
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TVQ_CACHE_DIR") or Path.home() / ".cache" / "tvq_lightning"
-    return Path(root) / "embedded"
+    return cache_root() / "embedded"
 
 
 @cache

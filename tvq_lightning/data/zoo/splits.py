@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from ...errors import TvqError
+from ...runtime import cache_root
+from ...store.io import atomic_write_json
 
 SPLIT_VERSION = 1
 #: the seed of task_vectors' ``split_train_into_train_val``
@@ -48,8 +49,7 @@ class SplitIndices:
 
 def default_split_dir() -> Path:
     """``$TVQ_CACHE_DIR`` (default ``~/.cache/tvq_lightning``) ``/zoo/splits``."""
-    root = os.environ.get("TVQ_CACHE_DIR") or Path.home() / ".cache" / "tvq_lightning"
-    return Path(root) / "zoo" / "splits"
+    return cache_root() / "zoo" / "splits"
 
 
 def val_count(n: int, val_fraction: float, max_val: int | None) -> int:
@@ -121,9 +121,7 @@ def _write(path: Path, task: str, n: int, digest: str, settings: dict, split: Sp
             "test": None if split.test is None else split.test.tolist()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)   # atomic: concurrent ranks write the same content
+        atomic_write_json(path, data)   # concurrent ranks write the same content
     except OSError as e:
         raise TvqError(f"{task}: cannot write split file {path} ({e.strerror or e}); "
                        "give a writable split_dir") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from ..report import LABELS, _save
+from ..report import LABELS, save_figure
 
 DENSE_METHOD_ORDER = ("pretrained_decoders", "individual", "task_arithmetic", "ties", "magmax", "breadcrumbs", "emr",
                       "consensus", "lines", "adamerging_layer", "tinting")
@@ -132,7 +132,7 @@ def delta_m_plot(section: dict, out: Path) -> Path:
     ax.set_ylabel("Δm (%) vs FP32 individual models")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out / "dense_delta_m.png")
+    return save_figure(fig, out / "dense_delta_m.png")
 
 
 _PALETTE = np.array([[0, 0, 0], [200, 200, 200], [140, 90, 40], [230, 60, 60], [60, 160, 60], [60, 90, 220],
@@ -183,5 +183,5 @@ def picture_grids(tasks: list[str], images: Tensor, targets: dict[str, Tensor], 
                     ax.set_title(label, fontsize=7)
         fig.suptitle(t, fontsize=9)
         fig.tight_layout()
-        paths.append(_save(fig, out / f"dense_{t}.png"))
+        paths.append(save_figure(fig, out / f"dense_{t}.png"))
     return paths
