@@ -170,10 +170,25 @@ class OptionsParser(ArgumentParser):
         return [s for a in self._actions for s in a.option_strings]
 
     def parse(self, argv: Sequence[str]) -> Namespace:
+        """Parse ``argv``; mapping-valued options are applied after the rest (:mod:`.mapping_options`)."""
+        from .mapping_options import apply_mapping_edits, take_mapping_options
+
+        mappings = [n for n, tp in self.hints.items() if typing.get_origin(tp) in (dict, Mapping) or tp is dict]
+        argv, edits = take_mapping_options(list(argv), mappings)
+        printing = [a for a in argv if a.split("=")[0] == "--print_config"] if edits else []
+        argv = [a for a in argv if a not in printing]
         try:
-            return self.parse_args(self._join_sequences(list(argv)))
+            ns = self.parse_args(self._join_sequences(argv))
         except argparse.ArgumentError as e:
             raise UsageError(self.one_line(str(e))) from None
+        for name, value in apply_mapping_edits({n: ns.get(n) for n in mappings}, edits).items():
+            if typing.get_args(self.hints[name])[1:] == (str,):   # dict[str, str]: paths, names
+                value = {str(k): str(v) for k, v in value.items()}
+            ns[name] = value
+        if printing:
+            print(self.dump(ns, skip_validation=True), end="")
+            raise SystemExit(0)
+        return ns
 
     def _join_sequences(self, argv: list[str]) -> list[str]:
         """``--opt a b`` -> ``--opt=[a, b]`` for options whose type holds a sequence."""
