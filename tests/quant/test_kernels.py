@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -218,3 +217,14 @@ def test_empty_tensors(bits, torch_path):
             assert qn.packed.numel() == qt.packed.numel() == 0
             assert torch.equal(qn.zero_point, qt.zero_point) and torch.equal(qn.scale, qt.scale)
             assert qn.dequantize().shape == dt.shape == x.shape, (spec, shape)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("n", [1, 5, 8, 1001])
+def test_code_histogram_counts_the_codes_not_the_padding(bits, n):
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    got = kernels.code_histogram(pack_codes(codes, bits), bits, n)
+    assert torch.equal(got, torch.bincount(codes.long(), minlength=1 << bits))

@@ -25,19 +25,23 @@ class KeyInput:
 
     ``taus`` (one float32 task vector per task, on the merge device) is decoded on first access,
     so a statistics pass that only needs ``levels`` (exact magnitude histograms of quantized task
-    vectors) never dequantizes.
+    vectors) never dequantizes; ``levels`` and ``packed`` (every task's per-tensor codes side by
+    side, :class:`~.fused.PackedKey`, for the fused kernels; None where they do not apply) are
+    also read on first access. Each may be given as a value or as a function computing it.
     """
 
     def __init__(self, key: str, pretrained: Tensor, taus: list[Tensor] | Callable[[], list[Tensor]], tasks: list[str],
                  block: int | None = None, num_blocks: int = 0, quantized: bool = False,
-                 levels: list[tuple[Tensor, Tensor] | None] | None = None):
+                 levels: list[tuple[Tensor, Tensor] | None] | None | Callable[[], Any] = None,
+                 packed: Any = None):
         self.key = key
         self.pretrained = pretrained          # float32, on the merge device
         self.tasks = tasks
         self.block = block                    # residual-block index of this key (None outside blocks)
         self.num_blocks = num_blocks          # the model's depth L
         self.quantized = quantized
-        self.levels = levels                  # per task: exact (|value|, count) histogram, if known
+        self._levels = levels                 # per task: exact (|value|, count) histogram, if known
+        self._packed = packed                 # the tasks' packed codes (PackedKey), if the fused path applies
         self._taus = taus
 
     @property
@@ -49,6 +53,27 @@ class KeyInput:
     @taus.setter
     def taus(self, value: list[Tensor]) -> None:
         self._taus = value
+
+    @property
+    def levels(self) -> list[tuple[Tensor, Tensor] | None] | None:
+        if callable(self._levels):
+            self._levels = self._levels()
+        return self._levels
+
+    @levels.setter
+    def levels(self, value) -> None:
+        self._levels = value
+
+    @property
+    def packed(self):
+        """The :class:`~.fused.PackedKey` of this key, or None (then use ``taus``)."""
+        if callable(self._packed):
+            self._packed = self._packed()
+        return self._packed
+
+    @packed.setter
+    def packed(self, value) -> None:
+        self._packed = value
 
     @property
     def num_tasks(self) -> int:

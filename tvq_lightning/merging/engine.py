@@ -18,10 +18,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import OptionError, StoreError, TvqError
+from ..quant.kernels import parallel_map
 from ..store.reader import TaskVectorStore
 from ..store.sources import Source, WeightsLike, open_source
 from .base import KeyInput, Merger, PerTaskDelta
 from .blocks import detect_blocks
+from .fused import pack_key
 from .registry import check_config, create_merger
 
 
@@ -46,18 +48,28 @@ class MergePlan:
     def key_input(self, key: str, with_levels: bool = False) -> KeyInput:
         p = self.pretrained.sd[key]
         info = self.store.layout.keys[key]
-        levels = None
-        if with_levels and info.quantized:
-            impl, cfg = self.store.scheme_impl, self.store.config
-            levels = [impl.levels(cfg, info, self.store.parts(t, key)) for t in self.tasks]
-            levels = levels if any(lv is not None for lv in levels) else None
         dev = self.device
+
+        def levels():
+            impl, cfg = self.store.scheme_impl, self.store.config
+            shared = self.store.shared_parts(key)
+            lv = parallel_map(lambda t: impl.levels(cfg, info, self.store.parts(t, key), shared), self.tasks)
+            return lv if any(x is not None for x in lv) else None
 
         def taus() -> list[Tensor]:
             return [t.to(dev) for t in self.store.task_vectors(key, self.tasks, p)]
 
+        def packed():
+            scheme = self.store.scheme
+            if dev.type != "cpu" or not info.quantized or scheme not in ("tvq", "rtvq"):
+                return None
+            base = self.store.base_qtensor(key) if scheme == "rtvq" else None
+            if scheme == "rtvq" and base is None:
+                return None
+            return pack_key([self.store.qtensor(t, key) for t in self.tasks], tuple(info.shape), base)
+
         return KeyInput(key, p.to(dev, torch.float32), taus, self.tasks, self.blocks.get(key), self.depth,
-                        info.quantized, levels)
+                        info.quantized, levels if with_levels and info.quantized else None, packed)
 
 
 def plan_merge(store: str | Path | TaskVectorStore, pretrained: WeightsLike, method: str | Merger, *,

@@ -45,6 +45,28 @@ def level_histogram(q: QTensor) -> tuple[Tensor, Tensor]:
     return ((lv - z) * s).abs(), counts
 
 
+def joint_level_histogram(offset: QTensor, base: QTensor) -> tuple[Tensor, Tensor] | None:
+    """``(magnitudes, counts)`` of ``offset.dequantize() + base.dequantize()`` (RTVQ's task vector),
+    exact: one entry per (offset code, base code) pair, each value computed with the same float32
+    operations as the decode. None unless both are per-tensor."""
+    if offset.zero_point.numel() != 1 or base.zero_point.numel() != 1:
+        return None
+    n = 1
+    for d in offset.shape:
+        n *= d
+    lo, lb = 1 << offset.spec.bits, 1 << base.spec.bits
+    from .fused import pair_counts
+
+    counts = pair_counts(offset, base, n)
+    if counts is None:
+        co = offset.codes().reshape(-1)[:n]
+        cb = base.codes().reshape(-1)[:n]
+        counts = torch.bincount(co.long() * lb + cb.long(), minlength=lo * lb)
+    vo = (torch.arange(lo, dtype=torch.float32) - offset.zero_point.float()) * offset.scale.float()
+    vb = (torch.arange(lb, dtype=torch.float32) - base.zero_point.float()) * base.scale.float()
+    return (vo[:, None] + vb[None, :]).abs().reshape(-1), counts
+
+
 def _bits(x: Tensor) -> Tensor:
     return x.abs().float().contiguous().view(torch.int32).long()
 
@@ -68,12 +90,17 @@ class StreamingQuantile:
         bits = _bits(values.reshape(-1).cpu())
         w = None if counts is None else counts.reshape(-1).cpu().double()
         if self.stage == 0:
-            self.hist += torch.bincount(bits >> 16, weights=w, minlength=_BINS).double()
+            self._count(bits >> 16, w)
             self.total += int(values.numel() if counts is None else counts.sum())
         else:
             sel = (bits >> 16) == self.hi_bin
-            lw = None if w is None else w[sel]
-            self.hist += torch.bincount(bits[sel] & 0xFFFF, weights=lw, minlength=_BINS).double()
+            self._count(bits[sel] & 0xFFFF, None if w is None else w[sel])
+
+    def _count(self, bins: Tensor, w: Tensor | None) -> None:
+        if bins.numel() < _BINS // 16:   # a few values (a level histogram): no 65536-bin temporary
+            self.hist.index_add_(0, bins, w if w is not None else torch.ones(bins.numel(), dtype=torch.float64))
+        else:
+            self.hist += torch.bincount(bins, weights=w, minlength=_BINS).double()
 
     def next_pass(self) -> None:
         if not 1 <= self.rank <= self.total:
@@ -92,3 +119,4 @@ class StreamingQuantile:
         lo = _BINS - 1 - idx
         bits = (self.hi_bin << 16) | lo
         return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+

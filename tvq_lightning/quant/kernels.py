@@ -282,6 +282,20 @@ if numba is not None:
             out[codes[i]] += 1
         return out
 
+    @njit(cache=True, nogil=True)
+    def _byte_histogram_nb(p):  # pragma: no cover - compiled
+        # four interleaved counters: consecutive equal bytes do not wait on one counter's store
+        h = np.zeros((4, 256), np.int64)
+        main = p.size // 4 * 4
+        for i in range(0, main, 4):
+            h[0, p[i]] += 1
+            h[1, p[i + 1]] += 1
+            h[2, p[i + 2]] += 1
+            h[3, p[i + 3]] += 1
+        for i in range(main, p.size):
+            h[0, p[i]] += 1
+        return h.sum(axis=0)
+
 
 _scratch = threading.local()
 
@@ -392,6 +406,15 @@ def code_histogram(packed: Tensor, bits: int, numel: int) -> Tensor | None:
     """Counts of each code value (int64, ``2**bits`` entries) of a packed tensor; None without numba."""
     if not _usable(packed):
         return None
+    if bits in (1, 2, 4, 8):  # count the bytes, then the codes each byte value holds: no unpacking
+        h = _byte_histogram_nb(packed.reshape(-1).numpy())
+        per = 8 // bits
+        byte = np.arange(256)
+        counts = np.zeros(1 << bits, np.int64)
+        for j in range(per):
+            np.add.at(counts, (byte >> (j * bits)) & ((1 << bits) - 1), h)
+        counts[0] -= packed.numel() * per - numel   # the zero padding codes of the last byte
+        return torch.from_numpy(counts)
     codes, words = _scratch_codes(numel)
     _unpack_nb(packed.numpy(), bits, codes, words)
     return torch.from_numpy(_histogram_nb(codes, numel, 1 << bits))

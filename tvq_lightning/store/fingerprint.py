@@ -95,9 +95,17 @@ def fingerprint_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     """``"tvq1:<64 hex>"`` over the keys, dtypes, shapes and tensor bytes of ``sd``.
 
     The order of keys does not matter. Accepts any mapping, e.g. a
-    :class:`~tvq_lightning.store.checkpoints.LazyStateDict` (tensors are read one at a time).
+    :class:`~tvq_lightning.store.checkpoints.LazyStateDict` (tensors are read one at a time, and a
+    memory-mapped tensor's pages are let go once hashed, so hashing a large file stays one tensor
+    resident).
     """
-    return combine_entries({k: tensor_entry(sd[k]) for k in sd})
+    release = getattr(sd, "release", None)
+    entries = {}
+    for k in sd:
+        entries[k] = tensor_entry(sd[k])
+        if callable(release):
+            release(k)
+    return combine_entries(entries)
 
 
 def short_fingerprint(fp: str) -> str:

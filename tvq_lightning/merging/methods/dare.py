@@ -72,7 +72,7 @@ class Dare(Merger):
         self.passes = self._ties.passes if self._ties else 0
 
     def drop(self, inp: KeyInput) -> None:
-        """Apply the DARE masks to ``inp.taus`` in place (and forget exact level histograms)."""
+        """Apply the DARE masks to ``inp.taus`` in place (and forget level histograms and packed codes)."""
         c = self.config
         for tau, task in zip(inp.taus, inp.tasks):
             keep = dare_keep(tau.shape, c.p, c.seed, inp.key, task).to(tau.device)
@@ -80,6 +80,7 @@ class Dare(Merger):
             if c.rescale and c.p > 0:
                 tau.div_(1.0 - c.p)
         inp.levels = None
+        inp.packed = None
 
     def begin(self, tasks, pass_index):
         self._ties.begin(tasks, pass_index)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..base import KeyInput, Merger
+from ..fused import ties_packed
 from ..histogram import StreamingQuantile
 from ..registry import register_merger
 
@@ -54,23 +55,35 @@ class Ties(Merger):
         if pass_index == 0:
             self._selectors = [StreamingQuantile(0) for _ in tasks]
             self._sign_total = 0.0
+            self._histograms: list[list[tuple[Tensor, Tensor]]] = [[] for _ in tasks]
+            self._from_histograms: set[str] = set()
 
     def observe(self, inp: KeyInput, pass_index: int) -> None:
+        if pass_index == 1 and inp.key in self._from_histograms:
+            return                        # its (tiny) level histograms were kept from pass 0
+        levels = inp.levels if pass_index == 0 else None
+        if levels is not None and all(lv is not None for lv in levels):
+            self._from_histograms.add(inp.key)
         for t, sel in enumerate(self._selectors):
-            lv = inp.levels[t] if inp.levels else None
+            lv = levels[t] if levels else None
             if lv is not None:
                 sel.add(*lv)
+                if inp.key in self._from_histograms:
+                    self._histograms[t].append(lv)
             else:
                 sel.add(inp.taus[t])
 
     def end(self, pass_index: int) -> None:
         if pass_index == 0:
-            for sel in self._selectors:
+            for sel, hists in zip(self._selectors, self._histograms):
                 if self.config.k >= 1.0:
                     sel.rank = sel.total  # keep everything
                 else:
                     sel.rank = ties_rank(sel.total, self.config.k)
                 sel.next_pass()
+                for lv in hists:
+                    sel.add(*lv)
+            self._histograms = []
         else:
             self.thresholds = [sel.value() for sel in self._selectors]
 
@@ -79,6 +92,14 @@ class Ties(Merger):
 
     def merge_key(self, inp: KeyInput, final: bool = False) -> Tensor | None:
         """Merge one key; ``None`` defers it (an exactly-zero elected sum), ``final`` resolves it."""
+        if inp.packed is not None:  # straight from the codes, bit-identical to the lines below
+            fill = float(torch.sign(torch.tensor(self._sign_total)))
+            out, gsum, defer = ties_packed(inp.packed, self.thresholds, final, fill, self.config.merge == "dis-mean")
+            if not final:
+                self._sign_total += gsum
+                if defer:
+                    return None
+            return out.mul_(self.config.scaling)
         self.trimmed(inp)
         taus = inp.taus
         total = taus[0].clone()

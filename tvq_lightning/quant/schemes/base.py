@@ -166,8 +166,10 @@ class Scheme:
         q = self.qtensor(cfg, info, parts)
         return None if q is None else q.dequantize()
 
-    def levels(self, cfg: "StoreConfig", info: "KeyInfo", parts: Parts) -> tuple[Tensor, Tensor] | None:
-        """Exact ``(|value|, count)`` histogram of the decoded vector, when the scheme has one."""
+    def levels(self, cfg: "StoreConfig", info: "KeyInfo", parts: Parts,
+               shared: Parts | None = None) -> tuple[Tensor, Tensor] | None:
+        """Exact ``(|value|, count)`` histogram of the decoded vector, when the scheme has one
+        (``shared``: the key's parts in the store's shared file, e.g. RTVQ's base)."""
         return None
 
     # -- adding tasks ----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class BitDelta(Scheme):
         found = self._checked(cfg, info, parts)
         return None if found is None else bitdelta_dequantize(*found, info.shape)
 
-    def levels(self, cfg, info, parts):
+    def levels(self, cfg, info, parts, shared=None):
         found = self._checked(cfg, info, parts)
         if found is None:
             return None

@@ -125,6 +125,16 @@ class RTVQ(Scheme):
         base = None if shared is None else self.qtensor(cfg, info, shared, info.base_bits)
         return None if base is None else base.dequantize()
 
+    def levels(self, cfg, info, parts, shared=None):
+        """Exact histogram of ``x_hat(delta_t) + x_hat(beta)``: counts of (offset code, base code) pairs."""
+        from ...merging.histogram import joint_level_histogram, level_histogram
+
+        off = self.qtensor(cfg, info, parts)
+        base = None if shared is None else self.qtensor(cfg, info, shared, info.base_bits)
+        if off is None:
+            return None
+        return level_histogram(off) if base is None else joint_level_histogram(off, base)
+
     def decode_quantized(self, cfg, info, parts, shared):
         tau = super().decode_quantized(cfg, info, parts, shared)
         return tau.add_(shared) if tau is not None and shared is not None else tau

@@ -36,7 +36,7 @@ class TVQ(Scheme):
     def encode_quantized(self, tau, lo, hi, info, cfg, key, *, finetuned=None, shared=None):
         return QTensor.quantize(tau, cfg.spec(info.bits), value_range=(lo, hi)).state(key)
 
-    def levels(self, cfg, info, parts):
+    def levels(self, cfg, info, parts, shared=None):
         from ...merging.histogram import level_histogram
 
         q = self.qtensor(cfg, info, parts)
