@@ -162,13 +162,13 @@ if numba is not None:
                 _unpack_words_nb(p, bits, c.view(np.uint64))
 
     @njit(cache=True, inline="always")
-    def _value(codes, t, i, zero, scale, present, bcodes, bz, bs, has_base):  # pragma: no cover - compiled
+    def _value(codes, t, i, zero, scale, present, bv, has_base):  # pragma: no cover - compiled
         # task t's decoded value at i: (code - z) * s, plus the shared base's (RTVQ); 0 when absent
         if not present[t]:
             return np.float32(0.0)
         v = (np.float32(codes[t, i]) - zero[t]) * scale[t]
         if has_base:
-            v = v + (np.float32(bcodes[0, i]) - bz) * bs
+            v = v + bv[i]
         return v
 
     @njit(cache=True, nogil=True)
@@ -195,49 +195,105 @@ if numba is not None:
                 out[np.int64(x[i]) * lb + y[i]] += 1
 
     @njit(cache=True, nogil=True)
-    def _sum_block(packed, bits, zero, scale, present, base, base_bits, bz, bs, has_base, start, n, out):  # pragma: no cover
-        codes, bcodes = _unpack_block(packed, bits, present, base, base_bits, has_base, start, n)
-        o = out[start:start + n]
-        for i in range(n):
-            o[i] = _value(codes, 0, i, zero, scale, present, bcodes, bz, bs, has_base)
-        for t in range(1, packed.shape[0]):
+    def _base_values(bcodes, bz, bs, has_base, n):  # pragma: no cover - compiled
+        # the shared base's decoded values of the block (RTVQ), each computed once for all tasks
+        bv = np.zeros(n if has_base else 1, np.float32)
+        if has_base:
+            b = bcodes[0]
             for i in range(n):
-                o[i] += _value(codes, t, i, zero, scale, present, bcodes, bz, bs, has_base)
+                bv[i] = (np.float32(b[i]) - bz) * bs
+        return bv
+
+    @njit(cache=True, nogil=True)
+    def _sum_block(packed, bits, zero, scale, present, base, base_bits, bz, bs, has_base, start, n, out):  # pragma: no cover
+        # the same float32 operations as decoding each task and summing in task order, one task at a
+        # time over the block so the inner loop has no branch and vectorizes
+        codes, bcodes = _unpack_block(packed, bits, present, base, base_bits, has_base, start, n)
+        bv = _base_values(bcodes, bz, bs, has_base, n)
+        o = out[start:start + n]
+        zero32 = np.float32(0.0)
+        for t in range(packed.shape[0]):
+            c = codes[t]
+            z = zero[t]
+            s = scale[t]
+            if not present[t]:
+                if t == 0:
+                    o[:] = zero32
+                else:
+                    for i in range(n):
+                        o[i] += zero32
+            elif has_base:
+                if t == 0:
+                    for i in range(n):
+                        o[i] = (np.float32(c[i]) - z) * s + bv[i]
+                else:
+                    for i in range(n):
+                        o[i] += (np.float32(c[i]) - z) * s + bv[i]
+            elif t == 0:
+                for i in range(n):
+                    o[i] = (np.float32(c[i]) - z) * s
+            else:
+                for i in range(n):
+                    o[i] += (np.float32(c[i]) - z) * s
+
+    @njit(cache=True, inline="always")
+    def _trimmed(c, i, z, s, bv, has_base, th):  # pragma: no cover - compiled
+        # one task's decoded value at i, zero where its magnitude is under the task's threshold
+        v = (np.float32(c[i]) - z) * s
+        if has_base:
+            v = v + bv[i]
+        return np.float32(0.0) if abs(v) < th else v
 
     @njit(cache=True, nogil=True)
     def _ties_block(packed, bits, zero, scale, present, base, base_bits, bz, bs, has_base, thr, start, n, final,
                     fill, dis_mean, out):  # pragma: no cover - compiled
+        # two sweeps of the tasks over the block, each inner loop over elements and free of branches:
+        # the trimmed values summed in task order (the elected sign), then the agreeing ones summed in
+        # task order; the same float32 operations as the element-by-element definition
         T = packed.shape[0]
         codes, bcodes = _unpack_block(packed, bits, present, base, base_bits, has_base, start, n)
-        vals = np.empty(T, np.float32)
+        bv = _base_values(bcodes, bz, bs, has_base, n)
+        zero32 = np.float32(0.0)
+        total = np.zeros(n, np.float32)
+        nonzero = np.zeros(n, np.bool_)
+        for t in range(T):
+            if not present[t]:
+                continue  # its values are +0: neither the sums nor the elected sign change
+            c = codes[t]
+            z, s, th = zero[t], scale[t], thr[t]
+            for i in range(n):
+                v = _trimmed(c, i, z, s, bv, has_base, th)
+                total[i] += v
+                nonzero[i] |= v != zero32
         gsum = 0
         defer = False
-        zero32 = np.float32(0.0)
+        g = np.empty(n, np.float32)
         for i in range(n):
-            total = zero32
-            nonzero = False
-            for t in range(T):
-                v = _value(codes, t, i, zero, scale, present, bcodes, bz, bs, has_base)
-                if abs(v) < thr[t]:
-                    v = zero32
-                vals[t] = v
-                total = v if t == 0 else total + v
-                nonzero = nonzero or v != zero32
-            g = np.float32(1.0) if total > zero32 else (np.float32(-1.0) if total < zero32 else zero32)
+            x = total[i]
+            gi = np.float32(1.0) if x > zero32 else (np.float32(-1.0) if x < zero32 else zero32)
             if not final:
-                gsum += int(g)
-                if g == zero32 and nonzero:
+                gsum += int(gi)
+                if gi == zero32 and nonzero[i]:
                     defer = True
-            elif g == zero32:
-                g = fill
-            acc = zero32
-            count = 0
-            for t in range(T):
-                v = vals[t]
-                if v != zero32 and g != zero32 and (v > zero32) == (g > zero32):
-                    acc += v
-                    count += 1
-            if dis_mean:
-                acc = acc / np.float32(max(count, 1))
-            out[start + i] = acc
+            elif gi == zero32:
+                gi = fill
+            g[i] = gi
+        acc = np.zeros(n, np.float32)
+        count = np.zeros(n, np.int32)
+        for t in range(T):
+            if not present[t]:
+                continue
+            c = codes[t]
+            z, s, th = zero[t], scale[t], thr[t]
+            for i in range(n):
+                v = _trimmed(c, i, z, s, bv, has_base, th)
+                take = v != zero32 and g[i] != zero32 and (v > zero32) == (g[i] > zero32)
+                acc[i] += v if take else zero32
+                count[i] += 1 if take else 0
+        o = out[start:start + n]
+        if dis_mean:
+            for i in range(n):
+                o[i] = acc[i] / np.float32(max(count[i], 1))
+        else:
+            o[:] = acc
         return gsum, defer
