@@ -126,6 +126,11 @@ def test_dry_run_lists_the_cells_through_the_cli(inputs, tmp_path, capsys):
     ({"encoder": {}}, "--encoder"),
     ({"encoder": {"model_name": "x"}}, "give its kind"),
     ({"data": {"init_args": {}}}, "class_path"),
+    ({"trainer": {"devices": 2}}, "devices=2 would start one process per device"),
+    ({"trainer": {"devices": "auto"}}, "devices='auto'"),
+    ({"trainer": {"devices": [0, 1]}}, r"devices=\[0, 1\]"),
+    ({"trainer": {"num_nodes": 2}}, "num_nodes=2"),
+    ({"trainer": {"devices": 1, "strategy": "ddp"}}, "strategy='ddp'"),
 ])
 def test_config_errors_name_the_option(inputs, tmp_path, kw, words):
     root, finetuned = inputs

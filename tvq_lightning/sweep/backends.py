@@ -80,7 +80,7 @@ class ModelBackend:
         import lightning.pytorch as pl
 
         kw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              "enable_progress_bar": False, **self.trainer_kwargs}
+              "enable_progress_bar": False, "devices": 1, **self.trainer_kwargs}
         return pl.Trainer(**kw)
 
     def _full_model(self, model: Mapping[str, Tensor]) -> dict[str, Tensor]:

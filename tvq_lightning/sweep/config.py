@@ -87,6 +87,11 @@ class SweepConfig:
             if "class_path" not in self.data:
                 raise TvqError("sweep data: give the datamodule's class_path (and init_args), e.g. "
                                "{class_path: tvq_lightning.data.zoo.CLIPSuiteDataModule, init_args: {root: DATA}}")
+        many = _several_processes(self.trainer)
+        if many:
+            raise TvqError(f"sweep trainer: {many} would start one process per device, and each would run the whole "
+                           "sweep; a sweep evaluates in one process: set trainer devices: 1 (and no DDP strategy), "
+                           "or run one sweep per device over a subset of --methods / --schemes")
         need = [s for s in self.schemes if s not in self.stores]
         if need and not self.finetuned and self.backend == "model":
             raise TvqError(f"sweep: the {need[0]} store is neither given in --stores nor buildable: give --finetuned TASK=PATH ...")
@@ -95,3 +100,21 @@ class SweepConfig:
         return SweepPlan(methods={m: MERGE_METHODS[m] for m in self.methods},
                          all_methods_schemes=self.all_methods_schemes, scaling_grid=self.scaling_grid,
                          alpha_grid=self.alpha_grid)
+
+
+def _several_processes(trainer: dict[str, Any]) -> str | None:
+    """The trainer setting that would make Lightning start several processes, as ``name=value``; else None."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        several = len(devices) > 1
+    else:
+        text = str(devices).strip()
+        several = text in ("-1", "auto") or (text.isdigit() and int(text) > 1) or "," in text.strip(",")
+    if several:
+        return f"devices={devices!r}"
+    if int(trainer.get("num_nodes", 1)) > 1:
+        return f"num_nodes={trainer['num_nodes']!r}"
+    strategy = str(trainer.get("strategy", "") or "")
+    if any(w in strategy for w in ("ddp", "fsdp", "deepspeed")):
+        return f"strategy={strategy!r}"
+    return None
