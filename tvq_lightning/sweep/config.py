@@ -91,7 +91,7 @@ class SweepConfig:
         if many:
             raise TvqError(f"sweep trainer: {many} would start one process per device, and each would run the whole "
                            "sweep; a sweep evaluates in one process: set trainer devices: 1 (and no DDP strategy), "
-                           "or run one sweep per device over a subset of --methods / --schemes")
+                           "or run one sweep per device, each with its own --out and a subset of --methods (docs/sweep.md)")
         need = [s for s in self.schemes if s not in self.stores]
         if need and not self.finetuned and self.backend == "model":
             raise TvqError(f"sweep: the {need[0]} store is neither given in --stores nor buildable: give --finetuned TASK=PATH ...")
