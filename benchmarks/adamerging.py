@@ -65,6 +65,18 @@ def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
                                      "start_rss": start_rss}))
 
 
+# INT4 / fp32 targets (performance issue): adaptation memory by task count, and step time
+MEMORY_TARGETS = {8: 0.40, 20: 0.25}
+STEP_TARGET = 1.2
+
+
+def targets(tasks: int, memory_ratio: float, step_ratio: float) -> list[str]:
+    """The measured ratios beside the targets that apply at this task count."""
+    rows = [("memory during adaptation", memory_ratio, MEMORY_TARGETS.get(tasks)), ("step time", step_ratio, STEP_TARGET)]
+    return [f"- {name}: x{got:.2f}, target <= {want:.2f}: {'met' if got <= want else 'MISSED'}"
+            for name, got, want in rows if want is not None]
+
+
 def reset_peak() -> None:
     """Reset the kernel's peak-RSS counter of this process (Linux: ``echo 5 > /proc/self/clear_refs``)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -123,7 +135,8 @@ def main(argv=None) -> int:
         *(f"| {k} | {r['step_s']:.2f} | {r['adapt_peak_rss'] / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} | "
           f"{r['packed_bytes'] / 2**20:.0f} |" for k, r in rows.items()),
         "", f"INT4 / fp32: memory during adaptation x{q['adapt_peak_rss'] / f['adapt_peak_rss']:.2f} "
-            f"(process peak x{q['peak_rss'] / f['peak_rss']:.2f}), step time x{q['step_s'] / f['step_s']:.2f}"])
+            f"(process peak x{q['peak_rss'] / f['peak_rss']:.2f}), step time x{q['step_s'] / f['step_s']:.2f}",
+        "", *targets(args.tasks, q['adapt_peak_rss'] / f['adapt_peak_rss'], q['step_s'] / f['step_s'])])
     publish(args.out, "adamerging", table, rows)
     return 0
 
