@@ -1,6 +1,7 @@
 """AdaMerging benchmark: step time and peak memory of layer-wise AdaMerging, fp32 store vs TVQ-INT4 store.
 
-    python benchmarks/adamerging.py [--steps 3] [--batch 4] [--workdir /tmp/tvq_bench]
+    python benchmarks/adamerging.py [--steps 3] [--batch 4] [--tasks 8] [--workdir /tmp/tvq_bench]
+    python benchmarks/adamerging.py --device cuda [--bf16] --tasks 20     # on a GPU (peak GPU memory too)
 
 theta_0: the open_clip ViT-B-32 image encoder (random init), 8 synthetic task vectors, random
 224x224 images, batch 4 per task, on CPU. Each store runs in its own process (peak RSS via a
@@ -29,7 +30,7 @@ from merge import PY, build_store, measure  # noqa: E402
 from tvq_lightning.store import StoreConfig  # noqa: E402
 
 
-def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
+def worker(store: str, pre: str, steps: int, batch: int, out: str, device: str = "cpu", bf16: bool = False) -> None:
     from tvq_lightning.runtime import configure_allocator
 
     configure_allocator()  # as the CLI (tvq fit) does at start, before the model is built
@@ -45,24 +46,34 @@ def worker(store: str, pre: str, steps: int, batch: int, out: str) -> None:
     encoder.load_state_dict(load_state_dict(pre))  # theta_0 in place: the module needs no copy of it
     tasks = TaskVectorStore(store).tasks
     heads = {t: ClassificationHead(torch.randn(10, 512)) for t in tasks}
-    module = AdaMerging(encoder, store, tasks=tasks, heads=heads, granularity="layer")
+    module = AdaMerging(encoder, store, tasks=tasks, heads=heads, granularity="layer").to(device)
     opt = torch.optim.Adam([module.coefficients], lr=1e-3)
-    batch_t = {t: torch.randn(batch, 3, 224, 224) for t in tasks}
+    batch_t = {t: torch.randn(batch, 3, 224, 224, device=device) for t in tasks}
+    cuda = torch.device(device).type == "cuda"
+    import contextlib
     import gc
 
     gc.collect()
     reset_peak()  # from here on: the adaptation's own peak (model set-up transients excluded)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start_rss = current_rss()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         opt.zero_grad()
-        module.adaptation_loss(batch_t).backward()
+        with autocast:
+            loss = module.adaptation_loss(batch_t)
+        loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     Path(out).write_text(json.dumps({"step_s": min(times[1:]), "packed_bytes": module.packed.nbytes(),
-                                     "adapt_peak_rss": peak_rss(),
-                                     "start_rss": start_rss}))
+                                     "adapt_peak_rss": peak_rss(), "start_rss": start_rss,
+                                     "gpu_peak": torch.cuda.max_memory_allocated() if cuda else None}))
 
 
 # INT4 / fp32 targets (performance issue): adaptation memory by task count, and step time
@@ -108,10 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU run (peak GPU memory is reported too)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast around the forward")
     ap.add_argument("--worker", nargs=3, metavar=("STORE", "PRETRAINED", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.steps, args.batch, args.worker[2])
+        worker(args.worker[0], args.worker[1], args.steps, args.batch, args.worker[2], args.device, args.bf16)
         return 0
     pre, ft = vit_b32_checkpoints(args.workdir, args.tasks)
     ft = dict(list(ft.items())[: args.tasks])
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
         store = build_store(pre, ft, args.workdir / f"merge_{scheme}_T{args.tasks}", cfg)
         res = args.workdir / f"adamerging_{scheme}.json"
         wall, rss = measure([PY, str(Path(__file__).resolve()), "--steps", str(args.steps), "--batch", str(args.batch),
+                             "--device", args.device, *(["--bf16"] if args.bf16 else []),
                              "--worker", str(store), str(pre), str(res)])
         rows[scheme] = {**json.loads(res.read_text()), "peak_rss": rss, "wall_s": wall}
         r = rows[scheme]
@@ -128,15 +142,21 @@ def main(argv=None) -> int:
               f"packed task vectors "
               f"{r['packed_bytes'] / 2**20:.0f} MiB", flush=True)
     f, q = rows["fp32"], rows["tvq4"]
+    gpu = f["gpu_peak"] is not None
+    where = f"{args.device}{', bf16 autocast' if args.bf16 else ''}"
     table = "\n".join([
-        f"Layer-wise AdaMerging, ViT-B/32 image encoder, {args.tasks} tasks, batch {args.batch} per task, CPU:", "",
-        "| store | step s | peak RSS during adaptation MiB | process peak MiB | packed task vectors MiB |",
-        "|---|---:|---:|---:|---:|",
+        f"Layer-wise AdaMerging, ViT-B/32 image encoder, {args.tasks} tasks, batch {args.batch} per task, {where}:", "",
+        "| store | step s | peak RSS during adaptation MiB | process peak MiB | packed task vectors MiB |"
+        + (" peak GPU memory MiB |" if gpu else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
         *(f"| {k} | {r['step_s']:.2f} | {r['adapt_peak_rss'] / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} | "
-          f"{r['packed_bytes'] / 2**20:.0f} |" for k, r in rows.items()),
+          f"{r['packed_bytes'] / 2**20:.0f} |" + (f" {r['gpu_peak'] / 2**20:.0f} |" if gpu else "") for k, r in rows.items()),
         "", f"INT4 / fp32: memory during adaptation x{q['adapt_peak_rss'] / f['adapt_peak_rss']:.2f} "
-            f"(process peak x{q['peak_rss'] / f['peak_rss']:.2f}), step time x{q['step_s'] / f['step_s']:.2f}",
-        "", *targets(args.tasks, q['adapt_peak_rss'] / f['adapt_peak_rss'], q['step_s'] / f['step_s'])])
+            f"(process peak x{q['peak_rss'] / f['peak_rss']:.2f}), step time x{q['step_s'] / f['step_s']:.2f}"
+            + (f", peak GPU memory x{q['gpu_peak'] / f['gpu_peak']:.2f}" if gpu else ""),
+        # on a GPU the memory that grows with the task count is the device's
+        "", *targets(args.tasks, (q["gpu_peak"] / f["gpu_peak"]) if gpu else q["adapt_peak_rss"] / f["adapt_peak_rss"],
+                     q["step_s"] / f["step_s"])])
     publish(args.out, "adamerging", table, rows)
     return 0
 

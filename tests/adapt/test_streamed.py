@@ -168,3 +168,48 @@ def test_saved_as_parts_keeps_the_parts_not_their_copy(stores):
     parts[1].add_(1.0)
     with pytest.raises(TvqError, match="modified in place"):
         out.sum().backward()
+
+
+
+class _LinearBlocks(nn.Module):
+    """Blocks that start with a Linear: under bf16 autocast each passes bf16 activations to the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_bf16_autocast_reaches_the_recompute_in_backward(tmp_path, chunk):
+    """Under bf16 autocast a unit recomputed in backward runs under the forward's autocast too (it
+    used to get the saved bf16 input with fp32 weights and fail): the same outputs and coefficient
+    gradients as one merge + functional_call under the same autocast."""
+    from tvq_lightning.store import StoreConfig, quantize_to_store
+
+    torch.manual_seed(0)
+    model = _LinearBlocks().requires_grad_(False)
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    fts = {t: {k: v + 0.05 * torch.randn_like(v) for k, v in pre.items()} for t in ["a", "b"]}
+    quantize_to_store(pre, fts, tmp_path / "s", StoreConfig("tvq", bits=4), progress=False)
+    packed = PackedTaskVectors(tmp_path / "s", pre)
+    x = torch.randn(5, 8)
+    outs, grads = [], []
+    for streamed in (True, False):
+        coeffs = torch.tensor([0.4, 0.7], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if streamed:
+                out = StreamedEncoder(model, packed, chunk=chunk)(coeffs, x)
+            else:
+                out = functional_call(model, merged_params(packed, base_tensors(model), coeffs), (x,))
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        outs.append(out.detach().float())
+        grads.append(coeffs.grad)
+    torch.testing.assert_close(outs[0], outs[1])
+    assert bool(grads[0].ne(0).all())
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-3)

@@ -148,6 +148,8 @@ class _SlicedUnit(torch.autograd.Function):
     def forward(ctx, s: _Slices, coeffs: Tensor, x: Tensor) -> Tensor:
         ctx.s = s
         ctx.save_for_backward(coeffs, x)
+        dev = x.device.type   # the recomputation in backward runs under the forward's autocast, as checkpointing does
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return s.output(s.merge(coeffs), x)
 
     @staticmethod
@@ -156,7 +158,9 @@ class _SlicedUnit(torch.autograd.Function):
         coeffs, x = ctx.saved_tensors
         weights = {k: w.requires_grad_() for k, w in s.merge(coeffs.detach()).items()}
         gx = torch.empty_like(x) if ctx.needs_input_grad[2] else None
-        with torch.enable_grad(), _reparametrize_module(s.module, weights):
+        dev, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), \
+                _reparametrize_module(s.module, weights):
             for a, m in s.ranges(x.shape[s.dim]):
                 xs = x.narrow(s.dim, a, m).detach().requires_grad_(gx is not None)
                 y = s.forward(xs, *s.rest, **s.kwargs)
